@@ -1,0 +1,87 @@
+"""``lcl-tune``: the command line.
+
+Heavy modules (torch, ray, mlflow) are imported inside each command, so ``lcl-tune --help`` and
+``lcl-tune validate`` answer instantly and a bad config fails before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item"):
+        return obj.item()
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write atomically, so a crash never leaves half a file behind."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
+    tmp.replace(path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import config as C
+
+    cfg = C.load(args.config, args.set or [])
+    out = Path(args.out or f"lcl_runs/train/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    print(f"lcl-tune train: {cfg.loss.name} (τ={cfg.loss.temperature}, λ={cfg.loss.lam}, "
+          f"weighting={cfg.weighting.name if cfg.uses_weighting else '-'}) -> {out}", file=sys.stderr)
+
+    from .engine import Trainer  # heavy: torch + transformers
+
+    # Each report is appended as it arrives: a crash keeps every evaluation done so far.
+    with open(out / "reports.jsonl", "w") as fh:
+        def on_report(report: dict) -> None:
+            fh.write(json.dumps(_jsonable(report)) + "\n")
+            fh.flush()
+
+        summary = Trainer(cfg).fit(on_report)
+    write_json(out / "metrics.json", summary)
+    final = summary["final"]
+    print(f"done in {summary['wall_s']:.0f}s: dev accuracy {final.get('dev/accuracy', float('nan')):.4f} "
+          f"(majority class {summary['majority_dev_accuracy']:.4f}), weighted-F1 "
+          f"{final.get('dev/weighted_f1', float('nan')):.4f}; best {summary['best']['metric']} "
+          f"{summary['best']['value']:.4f} at step {summary['best']['step']}\n"
+          f"wrote {out / 'metrics.json'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lcl-tune", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="one fine-tuning run from a trial config (no Ray)")
+    t.add_argument("config", help="trial config YAML (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
+    t.add_argument("--out", help="output folder (default lcl_runs/train/<timestamp>)")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The training loop: plain PyTorch, no Ray, no MLflow.
+
+``Trainer(cfg).run()`` yields one report (a flat dict of scalars plus ``details``) after every
+evaluation period; the Ray trainable reports and checkpoints each of them, the CLI prints them.
+``Trainer.fit()`` runs to the end and returns the summary. Everything a trial does is decided by
+its :class:`~lcl_tune.config.TrialConfig` and its seed: on CPU the same seed gives the same metrics.
+
+The objective of the main encoder is ``λ·CE + (1−λ)·contrastive`` (``λ = loss.lam``), where the
+contrastive term is SCL or LCL on the [CLS] vector; a ``separate`` weighting network adds its own
+``λ·CE`` (see :mod:`lcl_tune.weighting`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrialConfig
+from .data import PreparedData, batch_indices, majority_accuracy, prepare_data
+from .losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
+from .metrics import classification_metrics
+from .model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
+from .weighting import WeightingNetwork, build_weighting
+
+Report = dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the loop touches (Python, numpy, torch CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device: {name} requested but CUDA is not available. Fix: --set train.device=cpu")
+    return torch.device(name)
+
+
+def prepare_trial_data(cfg: TrialConfig, *, progress: bool = True) -> tuple[PreparedData, PreparedData | None]:
+    """Tokenised data for the main encoder, plus a second tokenisation when a ``separate`` weighting
+    encoder uses a different tokenizer (rows align: both come from the same raw data)."""
+    main_tok = tokenizer_source(cfg.model.name, cfg.model.tokenizer)
+    data = prepare_data(cfg.data, load_tokenizer(cfg.model.name, cfg.model.tokenizer), cfg.model.max_length,
+                        progress=progress)
+    w_name = cfg.weighting.model
+    if not (cfg.uses_weighting and cfg.weighting.name.startswith("separate") and w_name):
+        return data, None
+    if tokenizer_source(w_name) == main_tok:
+        return data, None
+    w_data = prepare_data(cfg.data, load_tokenizer(w_name), cfg.model.max_length, progress=progress)
+    return data, w_data
+
+
+def _param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float, tag: str) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = name.startswith("head.") or ".head." in name
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
+        groups.setdefault((is_head, no_decay), []).append(p)
+    return [{"params": ps, "lr": head_lr if is_head else lr, "weight_decay": 0.0 if nd else weight_decay,
+             "name": f"{tag}.{'head' if is_head else 'encoder'}{'.no_decay' if nd else ''}"}
+            for (is_head, nd), ps in groups.items()]
+
+
+def linear_schedule(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then linear decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return factor
+
+
+class Trainer:
+    """One fine-tuning run. Build it, then iterate :meth:`run` or call :meth:`fit`."""
+
+    def __init__(self, cfg: TrialConfig, data: PreparedData | None = None, w_data: PreparedData | None = None,
+                 *, log: Callable[[str], None] | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.progress = progress
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = pick_device(t.device)
+        self.use_bf16 = t.precision == "bf16" and self.device.type == "cuda"
+        if t.precision == "bf16" and not self.use_bf16:
+            warnings.warn("train.precision=bf16 runs on CUDA only; training in fp32 on CPU", stacklevel=2)
+
+        if data is None:
+            data, w_data = prepare_trial_data(cfg, progress=progress)
+        self.data, self.w_data = data, w_data
+        c = data.num_labels
+
+        # Same seed -> same initial main model in every arm, whatever the weighting choice: the main
+        # model is built first from a fresh seed, the weighting network from a derived one.
+        seed_everything(cfg.seed)
+        self.model = _classifier(cfg.model.name, cfg.model.tokenizer, c, cfg.model.random_init,
+                                 cfg.model.dropout).to(self.device)
+        self.weighting: WeightingNetwork | None = None
+        if cfg.uses_weighting:
+            seed_everything(cfg.seed + 1)
+            own = cfg.weighting.model  # None: a second copy of the main encoder
+            self.weighting = build_weighting(
+                cfg.weighting, c, len(data.train),
+                lambda: _classifier(own or cfg.model.name, None if own else cfg.model.tokenizer, c,
+                                    cfg.model.random_init and not own, cfg.model.dropout),
+            ).to(self.device)
+
+        o = cfg.optim
+        groups = _param_groups(self.model, o.lr, o.head_lr or o.lr, o.weight_decay, "main")
+        if self.weighting is not None and any(True for _ in self.weighting.parameters()):
+            groups += _param_groups(self.weighting, o.weighting_lr or o.lr, o.weighting_lr or o.head_lr or o.lr,
+                                    o.weight_decay, "weighting")
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, eps=o.adam_eps)
+
+        self.steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
+        self.eval_every = t.eval_every or self.steps_per_epoch
+        warmup = int(o.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
+
+        self.step = 0
+        self.samples = 0
+        self.best: float | None = None
+        self.best_step = 0
+        self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> Iterator[Report]:
+        """Train to ``total_steps``; yield a report after every evaluation period."""
+        cfg, t = self.cfg, self.cfg.train
+        sums: dict[str, float] = {}
+        window_start, window_samples = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            batches = batch_indices(len(self.data.train), t.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+            for rows in batches[self.step % self.steps_per_epoch:]:  # resumed runs skip what they did
+                t0 = time.perf_counter()
+                parts = self.train_step(rows)
+                self.train_seconds += time.perf_counter() - t0
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                sums["_n"] = sums.get("_n", 0.0) + 1
+                window_samples += len(rows)
+                if self.progress and (self.step % t.log_every == 0 or self.step == self.total_steps):
+                    rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                    self.log(self._progress_line(sums, rate))
+                    window_start, window_samples = time.perf_counter(), 0
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    yield self._report(sums)
+                    sums = {}
+                if self.step >= self.total_steps:
+                    break
+
+    def train_step(self, rows: np.ndarray) -> dict[str, float]:
+        """One optimiser step on the training rows ``rows``; returns the loss parts as floats."""
+        self.model.train()
+        if self.weighting is not None:
+            self.weighting.train()
+        batch = self._batch(self.data.train, rows, self.w_data.train if self.w_data else None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            total, parts = self.objective(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.optim.max_grad_norm > 0:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.samples += len(rows)
+        return {k: float(v) for k, v in parts.items()}
+
+    def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``λ·CE + (1−λ)·contrastive`` (+ the weighting network's own ``λ·CE``)."""
+        loss = self.cfg.loss
+        logits, cls = self.model(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        ce = F.cross_entropy(logits.float(), labels)
+        parts: dict[str, torch.Tensor] = {"ce": ce.detach()}
+        contrastive, extra = None, None
+        if loss.name == "scl" and loss.lam < 1:
+            contrastive = supervised_contrastive_loss(cls, labels, loss.temperature)
+        elif self.weighting is not None:  # lcl with λ < 1
+            w = self.weighting(batch, logits, loss.lam)
+            contrastive = label_aware_contrastive_loss(cls, labels, w.probs, loss.temperature)
+            extra = w.loss
+        total = mixed_objective(ce, contrastive, loss.lam if loss.name != "ce" else 1.0)
+        if contrastive is not None:
+            parts["contrastive"] = contrastive.detach()
+        if extra is not None:
+            total = total + extra
+            parts["weighting_ce"] = extra.detach() / loss.lam
+        parts["loss"] = total.detach()
+        return total, parts
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "dev") -> dict[str, Any]:
+        """CE loss, accuracy, macro-/weighted-F1, per-class F1 and confusion matrix on ``split``.
+
+        Rows are batched in length order (less padding); the order does not change any metric.
+        """
+        data = getattr(self.data, split)
+        if data is None:
+            raise ValueError(f"no {split} split in this dataset")
+        self.model.eval()
+        order = np.argsort(data.lengths, kind="stable")
+        bs = self.cfg.train.eval_batch_size
+        preds = np.empty(len(data), dtype=np.int64)
+        loss_sum = 0.0
+        for start in range(0, len(order), bs):
+            rows = order[start:start + bs]
+            batch = self._batch(data, rows, None)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                logits, _ = self.model(batch["input_ids"], batch["attention_mask"])
+            loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+            preds[rows] = logits.argmax(-1).cpu().numpy()
+        out = classification_metrics(data.labels, preds, self.data.label_names)
+        out["loss"] = loss_sum / max(len(data), 1)
+        return out
+
+    # ------------------------------------------------------------------ reports
+
+    def _report(self, sums: dict[str, float]) -> Report:
+        t = self.cfg.train
+        dev = self.evaluate("dev")
+        value = dev[t.metric]
+        better = self.best is None or (value < self.best if t.metric == "loss" else value > self.best)
+        if better:
+            self.best, self.best_step = value, self.step
+        n = max(sums.get("_n", 0.0), 1.0)
+        report: Report = {
+            "step": self.step,
+            "period": len(self.history) + 1,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "samples": self.samples,
+            "lr": self.scheduler.get_last_lr()[0],
+            **{f"train/{k}": v / n for k, v in sums.items() if k != "_n"},
+            **{f"dev/{k}": dev[k] for k in ("loss", "accuracy", "macro_f1", "weighted_f1")},
+            f"best/dev/{t.metric}": self.best,
+            "best/step": self.best_step,
+            "time/train_s": self.train_seconds,
+            "time/samples_per_s": self.samples / max(self.train_seconds, 1e-9),
+            "done": self.step >= self.total_steps,
+        }
+        self.history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        report["details"] = {"label_names": self.data.label_names, "dev/per_class_f1": dev["per_class_f1"],
+                             "dev/confusion": dev["confusion"]}
+        if self.progress:
+            self.log(f"eval step {self.step}: dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} "
+                     f"weighted-F1 {dev['weighted_f1']:.4f} (best {t.metric} {self.best:.4f} @ {self.best_step})")
+        return report
+
+    def _progress_line(self, sums: dict[str, float], rate: float) -> str:
+        n = max(sums.get("_n", 1.0), 1.0)
+        parts = " ".join(f"{k} {v / n:.4f}" for k, v in sums.items() if k not in ("_n", "loss"))
+        left = (self.total_steps - self.step) * self.cfg.train.batch_size / max(rate, 1e-9)
+        return (f"step {self.step}/{self.total_steps} | epoch {self.step / self.steps_per_epoch:.2f} | "
+                f"loss {sums.get('loss', 0) / n:.4f} ({parts}) | lr {self.scheduler.get_last_lr()[0]:.2e} | "
+                f"{rate:.1f} samples/s | eta {_fmt_seconds(left)}")
+
+    def fit(self, on_report: Callable[[Report], None] | None = None) -> dict[str, Any]:
+        """Run to the end, handing each report to ``on_report``; return the summary: the last
+        report, the best value of the selection metric, the history and (if asked) the test split."""
+        start = time.perf_counter()
+        last: Report = {}
+        for last in self.run():
+            if on_report is not None:
+                on_report(last)
+        summary = {"final": {k: v for k, v in last.items() if k != "details"}, "details": last.get("details", {}),
+                   "best": {"metric": f"dev/{self.cfg.train.metric}", "value": self.best, "step": self.best_step},
+                   "history": self.history, "label_names": self.data.label_names,
+                   "data_fingerprint": self.data.fingerprint, "majority_dev_accuracy": majority_accuracy(self.data),
+                   "wall_s": time.perf_counter() - start}
+        if self.cfg.train.eval_test and self.data.test is not None:
+            summary["test"] = self.evaluate("test")
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimiser, schedule, counters, RNG.
+
+        Only tensors and plain containers, so :func:`torch.load` with ``weights_only=True`` reads it
+        (a checkpoint never executes pickled code)."""
+        return {
+            "model": self.model.state_dict(),
+            "weighting": self.weighting.state_dict() if self.weighting is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {"step": self.step, "samples": self.samples, "best": self.best, "best_step": self.best_step,
+                        "history": self.history, "train_seconds": self.train_seconds},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.weighting is not None:
+            self.weighting.load_state_dict(state["weighting"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        tr = state["trainer"]
+        self.step, self.samples, self.best, self.best_step = tr["step"], tr["samples"], tr["best"], tr["best_step"]
+        self.history, self.train_seconds = list(tr["history"]), tr["train_seconds"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def restore(self, path: str | os.PathLike) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _batch(self, split, rows: np.ndarray, w_split) -> dict[str, torch.Tensor]:
+        batch = split.collate(rows, self.data.pad_id)
+        if w_split is not None:
+            wb = w_split.collate(rows, self.w_data.pad_id)
+            batch["w_input_ids"], batch["w_attention_mask"] = wb["input_ids"], wb["attention_mask"]
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _classifier(name: str, tokenizer: str | None, num_labels: int, random_init: bool, dropout: float) -> nn.Module:
+    """Build a classifier; built-in random architectures take their tokenizer's vocabulary size."""
+    vocab = len(load_tokenizer(name, tokenizer)) if is_builtin(name) else None
+    return build_classifier(name, num_labels, random_init=random_init, dropout=dropout, vocab_size=vocab)
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def train(cfg: TrialConfig, **kwargs: Any) -> dict[str, Any]:
+    """Convenience: ``Trainer(cfg, **kwargs).fit()``."""
+    return Trainer(cfg, **kwargs).fit()
+
+

@@ -1,0 +1,178 @@
+"""The training loop on tiny random-initialised encoders and real data samples (seconds each)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lcl_tune import config as C
+from lcl_tune.config import WEIGHTING_NAMES
+from lcl_tune.engine import Trainer, linear_schedule
+from lcl_tune.metrics import classification_metrics
+from lcl_tune.weighting import REGISTRY
+
+
+@pytest.fixture()
+def tiny_cfg(shared_datasets, cache_dir, minilm_path):
+    """A factory of trial configs: tiny BERT on a TweetEval-emotion sample (real data, 4 classes)."""
+
+    def make(**flat) -> C.TrialConfig:
+        tree = {
+            "model": {"name": "tiny", "max_length": 32, "dropout": 0.1},
+            "data": {"preset": "tweeteval_emotion", "root": str(shared_datasets / "tweeteval_emotion"),
+                     "max_train_samples": 96, "max_dev_samples": 48, "cache_dir": str(cache_dir)},
+            "loss": {"name": "lcl", "temperature": 0.3, "lam": 0.5},
+            "weighting": {"name": "self"},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 16, "max_steps": 6, "eval_every": 3, "threads": 2, "log_every": 100},
+            "seed": 3,
+        }
+        for key, value in flat.items():
+            C.set_dotted(tree, key.replace("__", "."), value)
+        return C.from_dict(tree)
+
+    return make
+
+
+def test_registry_matches_config_names():
+    assert tuple(REGISTRY) == WEIGHTING_NAMES
+
+
+def test_training_lowers_the_training_loss(tiny_cfg):
+    """64 real rows seen for several epochs: the mean loss of the last steps is well below the first."""
+    trainer = Trainer(tiny_cfg(data__max_train_samples=64, train__max_steps=80, optim__lr=3e-3), progress=False)
+    rows = [np.arange(i * 16, (i + 1) * 16) for i in range(4)]
+    losses = [trainer.train_step(rows[s % 4])["loss"] for s in range(80)]
+    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
+    assert last < 0.7 * first, (first, last)
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad.norm().item() for p in module.parameters() if p.grad is not None]
+    return float(sum(grads))
+
+
+@pytest.mark.parametrize("name", WEIGHTING_NAMES)
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_every_weighting_network_trains_and_gets_the_right_gradients(tiny_cfg, name, lam):
+    trainer = Trainer(tiny_cfg(weighting__name=name, loss__lam=lam), progress=False)
+    parts = trainer.train_step(np.arange(16))
+    assert math.isfinite(parts["loss"]) and "contrastive" in parts
+    assert _grad_norm(trainer.model.encoder) > 0  # the main encoder always learns
+    w = trainer.weighting
+    assert w is not None and w.name == name
+    if name == "separate":  # joint λ·CE and, through its non-detached probabilities, the LCL term
+        assert _grad_norm(w.classifier.encoder) > 0
+    elif name == "separate_detached":  # only its own λ·CE: no gradient at all when λ = 0
+        assert (_grad_norm(w.classifier.encoder) > 0) == (lam > 0)
+    else:
+        assert not any(p.requires_grad for p in w.parameters())
+    if name == "ema":
+        table = w.table
+        touched = table[:16]
+        assert not torch.allclose(touched, torch.full_like(touched, 0.25))  # updated rows
+        assert torch.allclose(table[16:], torch.full_like(table[16:], 0.25))  # the others untouched
+        assert torch.allclose(table.sum(1), torch.ones(len(table)))
+
+
+def test_separate_lcl_gradient_reaches_weighting_only_when_not_detached(tiny_cfg):
+    """λ = 0 isolates the LCL term: it trains `separate`'s encoder, never `separate_detached`'s."""
+    for name, expect in (("separate", True), ("separate_detached", False)):
+        trainer = Trainer(tiny_cfg(weighting__name=name, loss__lam=0.0), progress=False)
+        trainer.train_step(np.arange(16))
+        assert (_grad_norm(trainer.weighting.classifier) > 0) is expect
+
+
+@pytest.mark.parametrize("loss,lam", [("ce", 0.5), ("scl", 0.5), ("lcl", 1.0)])
+def test_no_weighting_network_when_it_cannot_matter(tiny_cfg, loss, lam):
+    trainer = Trainer(tiny_cfg(loss__name=loss, loss__lam=lam, weighting__name="separate"), progress=False)
+    assert trainer.weighting is None
+    parts = trainer.train_step(np.arange(16))
+    assert ("contrastive" in parts) == (loss == "scl")
+
+
+def test_reports_carry_all_metrics_and_best_so_far(tiny_cfg):
+    reports = list(Trainer(tiny_cfg(), progress=False).run())
+    assert [r["step"] for r in reports] == [3, 6] and [r["period"] for r in reports] == [1, 2]
+    last = reports[-1]
+    for key in ("train/loss", "train/ce", "train/contrastive", "dev/loss", "dev/accuracy", "dev/macro_f1",
+                "dev/weighted_f1", "best/dev/weighted_f1", "lr"):
+        assert math.isfinite(last[key]), key
+    assert last["best/dev/weighted_f1"] == max(r["dev/weighted_f1"] for r in reports)
+    details = last["details"]
+    assert details["label_names"] == ["anger", "joy", "optimism", "sadness"]
+    assert set(details["dev/per_class_f1"]) == set(details["label_names"])
+    cm = np.array(details["dev/confusion"])
+    assert cm.shape == (4, 4) and cm.sum() == 48
+    assert last["done"] is True and reports[0]["done"] is False
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tiny_cfg):
+    a = Trainer(tiny_cfg(), progress=False).fit()["history"]
+    b = Trainer(tiny_cfg(), progress=False).fit()["history"]
+    c = Trainer(tiny_cfg(seed=4), progress=False).fit()["history"]
+    drop = ("time/train_s", "time/samples_per_s")
+    strip = lambda h: [{k: v for k, v in r.items() if k not in drop} for r in h]  # noqa: E731
+    assert strip(a) == strip(b)
+    assert strip(a) != strip(c)
+
+
+def test_checkpoint_resume_continues_exactly(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(weighting__name="ema")
+    straight = Trainer(cfg, progress=False).fit()["history"]
+
+    first = Trainer(cfg, progress=False)
+    run = first.run()
+    next(run)  # stop after the first evaluation period (step 3)
+    first.save(tmp_path / "ckpt.pt")
+    second = Trainer(cfg, progress=False)
+    second.restore(tmp_path / "ckpt.pt")
+    assert second.step == 3
+    resumed = second.fit()["history"]
+    key = lambda h: [(r["step"], r["train/loss"], r["dev/weighted_f1"]) for r in h]  # noqa: E731
+    assert key(resumed) == key(straight)
+
+
+def test_same_seed_gives_same_initial_main_model_in_every_arm(tiny_cfg):
+    """Pairing: arms that differ in loss/weighting start from identical main weights."""
+    heads = [Trainer(tiny_cfg(loss__name=loss, weighting__name=w), progress=False).model.state_dict()
+             for loss, w in (("ce", "self"), ("lcl", "separate"), ("lcl", "ema"))]
+    for other in heads[1:]:
+        assert all(torch.equal(heads[0][k], other[k]) for k in heads[0])
+
+
+def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_cfg):
+    with pytest.warns(UserWarning, match="bf16"):
+        trainer = Trainer(tiny_cfg(train__precision="bf16"), progress=False)
+    assert not trainer.use_bf16
+    assert math.isfinite(trainer.train_step(np.arange(16))["loss"])
+
+
+def test_test_split_only_when_asked(tiny_cfg):
+    assert "test" not in Trainer(tiny_cfg(train__max_steps=1), progress=False).fit()
+    summary = Trainer(tiny_cfg(train__max_steps=1, train__eval_test=True,
+                               data__max_test_samples=20), progress=False).fit()
+    assert sum(map(sum, summary["test"]["confusion"])) == 20
+
+
+def test_linear_schedule_warms_up_then_decays():
+    f = linear_schedule(warmup_steps=4, total_steps=10)
+    values = [f(s) for s in range(11)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and values[10] == 0.0
+    assert all(a >= b for a, b in zip(values[4:], values[5:]))
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1, 2])
+    preds = np.array([0, 1, 1, 1, 0])
+    m = classification_metrics(labels, preds, ["a", "b", "c"])
+    # class a: tp1 fp1 fn1 -> f1 .5; b: tp2 fp1 fn0 -> .8; c: tp0 fn1 -> 0
+    assert m["per_class_f1"] == pytest.approx({"a": 0.5, "b": 0.8, "c": 0.0})
+    assert m["accuracy"] == pytest.approx(0.6)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8) / 3)
+    assert m["weighted_f1"] == pytest.approx((2 * 0.5 + 2 * 0.8) / 5)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]

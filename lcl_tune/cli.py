@@ -62,6 +62,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a study (or trial config) and print its budget, without starting Ray or loading torch."""
+    from . import config as C
+    from .study import load_study
+
+    tree = C.load_yaml(args.file)
+    if "space" not in tree:
+        cfg = C.load(args.file, args.set or [])
+        print(f"{args.file}: valid trial config ({cfg.loss.name}, weighting {cfg.weighting.name})")
+        return 0
+    study = load_study(args.file, args.set or [])
+    b = study.budget()
+    print(f"{args.file}: valid study {study.name!r}\n"
+          f"  metric     {study.tune_metric} ({study.mode})\n"
+          f"  space      {', '.join(f'{p.key} ({p.type})' for p in study.params)}\n"
+          f"  search     {b['sampler']} sampler, {b['trials']} trials, {b['concurrency']} at a time\n"
+          f"  scheduler  {b['scheduler']}, max_t {b['max_t']} {b['time_unit']}s"
+          + (f" per trial, at most {b['max_periods_total']} periods in all" if b['max_periods_total'] else "") + "\n"
+          f"  resources  {b['resources']['cpu']:g} CPU, {b['resources']['gpu']:g} GPU per trial")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .study import load_study
+
+    study = load_study(args.space, args.set or [])  # every check runs before Ray starts
+    if args.name:
+        study.name = args.name
+    from .search import run_study  # heavy: ray, optuna, torch
+
+    table = run_study(study, args.storage, resume=args.resume, address=args.address)
+    return 0 if len(table) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcl-tune", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
     t.add_argument("--out", help="output folder (default lcl_runs/train/<timestamp>)")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("tune", help="run a study: Ray Tune + Optuna + ASHA over a YAML search space")
+    s.add_argument("space", help="study YAML (see search_spaces/)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a study key (search.num_samples=4) or a trial key (train.max_steps=10)")
+    s.add_argument("--storage", default="lcl_runs", help="folder holding studies (default ./lcl_runs)")
+    s.add_argument("--name", help="study name (default: the YAML's name); the study lives in STORAGE/NAME")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.set_defaults(func=cmd_tune)
+
+    v = sub.add_parser("validate", help="check a study or trial config and print its budget (no Ray, no torch)")
+    v.add_argument("file")
+    v.add_argument("--set", action="append", metavar="KEY=VALUE")
+    v.set_defaults(func=cmd_validate)
     return p
 
 

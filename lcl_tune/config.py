@@ -356,50 +356,55 @@ def _resolve_paths(cfg: TrialConfig, base: Path) -> None:
             setattr(obj, attr, str((base / os.path.expanduser(value)).resolve()))
 
 
-def _check(ok: bool, key: str, problem: str, fix: str) -> None:
+def check(ok: bool, key: str, problem: str, fix: str) -> None:
+    """Raise ``ConfigError(key, problem, fix)`` unless ``ok``."""
     if not ok:
         raise ConfigError(key, problem, fix)
 
 
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def hint(value: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """``"did you mean 'separate'? choose one of ..."``."""
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return (f"did you mean '{close[0]}'? " if close else "") + f"choose one of {', '.join(allowed)}"
+
+
+def one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ConfigError(key, f"unknown value {value!r}", f"{hint}choose one of {', '.join(allowed)}")
+        raise ConfigError(key, f"unknown value {value!r}", hint(value, allowed))
 
 
 def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
     """Raise :class:`ConfigError` on the first problem; cheap (reads at most file headers)."""
-    _one_of("loss.name", cfg.loss.name, LOSS_NAMES)
-    _check(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}",
+    one_of("loss.name", cfg.loss.name, LOSS_NAMES)
+    check(cfg.loss.temperature > 0, "loss.temperature", f"must be > 0, got {cfg.loss.temperature}",
            "use a positive temperature such as 0.3 (the paper's value)")
-    _check(0.0 <= cfg.loss.lam <= 1.0, "loss.lam", f"must lie in [0, 1], got {cfg.loss.lam}",
+    check(0.0 <= cfg.loss.lam <= 1.0, "loss.lam", f"must lie in [0, 1], got {cfg.loss.lam}",
            "λ weighs CE against the contrastive term; use e.g. 0.5")
-    _one_of("weighting.name", cfg.weighting.name, WEIGHTING_NAMES)
-    _check(0.0 <= cfg.weighting.ema_alpha < 1.0, "weighting.ema_alpha",
+    one_of("weighting.name", cfg.weighting.name, WEIGHTING_NAMES)
+    check(0.0 <= cfg.weighting.ema_alpha < 1.0, "weighting.ema_alpha",
            f"must lie in [0, 1), got {cfg.weighting.ema_alpha}", "use e.g. 0.9")
-    _check(cfg.model.max_length >= 8, "model.max_length", f"must be >= 8, got {cfg.model.max_length}",
+    check(cfg.model.max_length >= 8, "model.max_length", f"must be >= 8, got {cfg.model.max_length}",
            "use e.g. 128")
-    _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must lie in [0, 1), got {cfg.model.dropout}",
+    check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must lie in [0, 1), got {cfg.model.dropout}",
            "use e.g. 0.1")
     for key, v in (("optim.lr", cfg.optim.lr), ("optim.weighting_lr", cfg.optim.weighting_lr),
                    ("optim.head_lr", cfg.optim.head_lr)):
-        _check(v is None or v > 0, key, f"must be > 0, got {v}", "use e.g. 2e-5")
-    _check(0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio",
+        check(v is None or v > 0, key, f"must be > 0, got {v}", "use e.g. 2e-5")
+    check(0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio",
            f"must lie in [0, 1), got {cfg.optim.warmup_ratio}", "use e.g. 0.06")
-    _check(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0", "use 1.0, or 0 to disable")
+    check(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0", "use 1.0, or 0 to disable")
     t = cfg.train
-    _check(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}", "use e.g. 3")
-    _check(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0", "leave it unset or use e.g. 100")
-    _check(t.batch_size >= 2, "train.batch_size", f"must be >= 2, got {t.batch_size}",
+    check(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}", "use e.g. 3")
+    check(t.max_steps is None or t.max_steps > 0, "train.max_steps", "must be > 0", "leave it unset or use e.g. 100")
+    check(t.batch_size >= 2, "train.batch_size", f"must be >= 2, got {t.batch_size}",
            "a contrastive loss needs pairs in a batch; use e.g. 32")
-    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", "use e.g. 128")
-    _check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0",
+    check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", "use e.g. 128")
+    check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0",
            "leave it unset (once per epoch) or use e.g. 100")
-    _check(t.log_every > 0, "train.log_every", "must be > 0", "use e.g. 20")
-    _one_of("train.metric", t.metric, METRIC_NAMES)
-    _one_of("train.precision", t.precision, ("fp32", "bf16"))
-    _check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
+    check(t.log_every > 0, "train.log_every", "must be > 0", "use e.g. 20")
+    one_of("train.metric", t.metric, METRIC_NAMES)
+    one_of("train.precision", t.precision, ("fp32", "bf16"))
+    check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",
            f"unknown device {t.device!r}", "use auto, cpu, cuda or cuda:N")
     validate_data(cfg.data, check_files=check_files)
     if check_files:
@@ -424,28 +429,28 @@ def check_model_source(key: str, name: str) -> None:
 
 def validate_data(d: DataConfig, *, check_files: bool = True) -> None:
     sources = [k for k in ("preset", "hub", "train_file") if getattr(d, k)]
-    _check(len(sources) == 1, "data", f"exactly one data source is needed, got {sources or 'none'}",
+    check(len(sources) == 1, "data", f"exactly one data source is needed, got {sources or 'none'}",
            "set one of data.preset, data.hub or data.train_file")
     if d.preset:
-        _one_of("data.preset", d.preset, PRESET_NAMES)
-    _one_of("data.format", d.format, DATA_FORMATS)
-    _check(0.0 < d.dev_fraction < 1.0, "data.dev_fraction", f"must lie in (0, 1), got {d.dev_fraction}",
+        one_of("data.preset", d.preset, PRESET_NAMES)
+    one_of("data.format", d.format, DATA_FORMATS)
+    check(0.0 < d.dev_fraction < 1.0, "data.dev_fraction", f"must lie in (0, 1), got {d.dev_fraction}",
            "use e.g. 0.1")
     for key in ("max_train_samples", "max_dev_samples", "max_test_samples"):
         v = getattr(d, key)
-        _check(v is None or v > 1, f"data.{key}", f"must be > 1, got {v}", "leave it unset or use e.g. 2000")
+        check(v is None or v > 1, f"data.{key}", f"must be > 1, got {v}", "leave it unset or use e.g. 2000")
     if d.label_names is not None:
-        _check(len(set(d.label_names)) == len(d.label_names) >= 2, "data.label_names",
+        check(len(set(d.label_names)) == len(d.label_names) >= 2, "data.label_names",
                "needs at least two distinct names", "list each class once")
     if not check_files:
         return
     if d.preset and d.root:
-        _check(Path(d.root).is_dir(), "data.root", f"folder not found: {d.root}",
+        check(Path(d.root).is_dir(), "data.root", f"folder not found: {d.root}",
                "point data.root at the dataset's folder, or unset it to load from the hub")
     for key in ("train_file", "dev_file", "test_file"):
         path = getattr(d, key)
         if path:
-            _check(Path(path).is_file(), f"data.{key}", f"file not found: {path}",
+            check(Path(path).is_file(), f"data.{key}", f"file not found: {path}",
                    "check the path (relative paths are relative to the config file)")
             columns = read_columns(path, file_format(path, d.format), d.encoding)
             for col_key in ("text_column", "label_column"):

@@ -263,7 +263,7 @@ class Trainer:
             "best/step": self.best_step,
             "time/train_s": self.train_seconds,
             "time/samples_per_s": self.samples / max(self.train_seconds, 1e-9),
-            "done": self.step >= self.total_steps,
+            "finished": self.step >= self.total_steps,
         }
         self.history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
         report["details"] = {"label_names": self.data.label_names, "dev/per_class_f1": dev["per_class_f1"],

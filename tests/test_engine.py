@@ -107,7 +107,7 @@ def test_reports_carry_all_metrics_and_best_so_far(tiny_cfg):
     assert set(details["dev/per_class_f1"]) == set(details["label_names"])
     cm = np.array(details["dev/confusion"])
     assert cm.shape == (4, 4) and cm.sum() == 48
-    assert last["done"] is True and reports[0]["done"] is False
+    assert last["finished"] is True and reports[0]["finished"] is False
 
 
 def test_same_seed_same_metrics_and_other_seed_differs(tiny_cfg):

@@ -1,0 +1,347 @@
+"""Study runner: Ray Tune schedules trials, Optuna proposes them, ASHA stops the poor ones early.
+
+Everything of a study lives in ``<storage>/<name>/``::
+
+    study.yaml        the resolved study (base config, space, search, scheduler, resources)
+    command.txt       the exact command that started (or resumed) it
+    ray/              Ray Tune's experiment folder (trial folders, checkpoints, searcher state)
+    optuna.journal    the Optuna study (``optuna-dashboard optuna.journal``; ``optuna.load_study``)
+    results.parquet   one row per trial: dotted config columns, final + best metrics, status, wall time
+
+The Optuna sampler runs in memory inside Ray's searcher, whose state Ray checkpoints with the
+experiment, so a killed driver resumes with the sampler exactly where Ray's state is. The journal
+is then written from Ray's results, which makes it hold exactly one finished trial per Ray trial
+(also after ``--resume``); Ray's results are the source of truth.
+
+Adapter module: imports Ray and Optuna (with install hints when missing).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError
+from .study import Param, Study, load_study
+
+try:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+except ImportError as e:  # pragma: no cover - exercised only without the extras
+    raise ImportError(f"lcl_tune.search needs Ray Tune and Optuna ({e.name} is missing): "
+                      "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
+
+from .trainable import lcl_trainable
+
+STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
+# Keys whose value changes the tokenised data: a study searching them prepares data per trial.
+DATA_KEYS = ("model.name", "model.tokenizer", "model.max_length", "weighting.model")
+
+
+def study_folder(storage: str | os.PathLike, name: str) -> Path:
+    return (Path(storage).expanduser() / name).resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# The search space as Optuna sees it
+# --------------------------------------------------------------------------------------------
+
+
+class DefineByRun:
+    """Optuna define-by-run space: conditional parameters (``when:``) are only sampled when their
+    condition holds, so e.g. ``weighting.ema_alpha`` exists only in ``ema`` trials.
+
+    A class (not a closure) so Ray can pickle it with the searcher's state."""
+
+    def __init__(self, params: list[Param]):
+        self.params = sorted(params, key=lambda p: bool(p.when))  # conditions are sampled first
+
+    def __call__(self, trial: "optuna.Trial") -> None:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(chosen):
+                chosen[p.key] = suggest(trial, p)
+
+
+def suggest(trial: "optuna.Trial", p: Param) -> Any:
+    if p.type == "categorical":
+        return trial.suggest_categorical(p.key, p.values)
+    if p.type == "int":
+        return trial.suggest_int(p.key, int(p.low), int(p.high))
+    return trial.suggest_float(p.key, p.low, p.high, log=p.type == "loguniform")
+
+
+def distribution(p: Param) -> "optuna.distributions.BaseDistribution":
+    d = optuna.distributions
+    if p.type == "categorical":
+        return d.CategoricalDistribution(p.values)
+    if p.type == "int":
+        return d.IntDistribution(int(p.low), int(p.high))
+    return d.FloatDistribution(p.low, p.high, log=p.type == "loguniform")
+
+
+def make_sampler(study: Study) -> "optuna.samplers.BaseSampler":
+    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                "qmc": optuna.samplers.QMCSampler}
+    return samplers[study.sampler](seed=study.seed)
+
+
+def make_scheduler(study: Study):
+    if study.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=study.time_attr, max_t=study.max_t, grace_period=study.grace_period,
+                         reduction_factor=study.reduction_factor)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: bool = False,
+              address: str | None = None, command: str | None = None, verbose: int = 1) -> "Any":
+    """Run (or resume) ``study``; returns the results table (a pandas DataFrame)."""
+    folder = study_folder(storage, study.name)
+    ray_dir = folder / "ray"
+    _check_folder(study, folder, ray_dir, resume)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_study(study, folder, command)
+
+    _init_ray(address)
+    check_resources(study, ray.cluster_resources())
+    data, w_data = shared_data(study)
+    trainable = tune.with_resources(
+        tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data),
+        {"cpu": study.cpu, "gpu": study.gpu})
+
+    if resume:
+        print(f"resuming study {study.name!r} from {ray_dir}", file=sys.stderr)
+        tuner = tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=_run_config(study, folder, verbose))
+    start = time.time()
+    grid = tuner.fit()
+    table = results_table(grid, study)
+    write_results(table, folder)
+    write_optuna_journal(table, study, folder / "optuna.journal")
+    print_summary(table, study, folder, time.time() - start)
+    return table
+
+
+def _check_folder(study: Study, folder: Path, ray_dir: Path, resume: bool) -> None:
+    if resume:
+        if not tune.Tuner.can_restore(str(ray_dir)):
+            raise ConfigError("--resume", f"no study to resume in {folder}",
+                              "drop --resume to start it, or pass the --storage/--name it was started with")
+        saved = load_study(folder / "study.yaml", check_files=False)
+        if saved.to_dict() != study.to_dict():
+            raise ConfigError("--resume", f"the study differs from the one started in {folder}",
+                              "resume with the same file and --set values, or start a new --name")
+    elif ray_dir.exists():
+        raise ConfigError("--name", f"{folder} already holds study {study.name!r}",
+                          "pass --resume to continue it, or choose another --name")
+
+
+def _write_study(study: Study, folder: Path, command: str | None) -> None:
+    import yaml
+
+    (folder / "study.yaml").write_text(yaml.safe_dump(study.to_dict(), sort_keys=False))
+    line = command or " ".join(shlex.quote(a) for a in sys.argv)
+    with open(folder / "command.txt", "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
+
+
+def _init_ray(address: str | None) -> None:
+    """Connect to ``address`` or start a local Ray; progress goes to the classic table reporter."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter below picks the columns
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save experiment state at every step...
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ...on purpose
+    if ray.is_initialized():
+        return
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster bound to localhost
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+def check_resources(study: Study, cluster: dict[str, float]) -> None:
+    """Fail fast: a trial asking for GPUs (or CPUs) the cluster lacks would wait forever."""
+    gpus, cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if study.gpu > 0 and gpus < min(study.gpu, 1.0):
+        raise ConfigError("resources.gpu", f"each trial asks for {study.gpu} GPU but the Ray cluster has "
+                          f"{gpus:g} GPUs", "set resources.gpu: 0 (CPU) or connect --address to a GPU cluster")
+    if study.cpu > cpus:
+        raise ConfigError("resources.cpu", f"each trial asks for {study.cpu:g} CPUs but the Ray cluster has {cpus:g}",
+                          f"set resources.cpu: {max(1, int(cpus))} or less")
+
+
+def shared_data(study: Study) -> tuple[Any, Any]:
+    """Tokenise once on the driver (trials get it through the object store), unless the space
+    searches a key that changes the tokenised data; then each trial prepares (and caches) its own."""
+    if any(p.key.startswith("data.") or p.key in DATA_KEYS for p in study.params):
+        return None, None
+    from .engine import prepare_trial_data
+
+    probe: dict[str, Any] = {}
+    for p in study.params:  # make sure a second tokenizer is prepared if any trial can need it
+        if p.key == "weighting.name" and any(str(v).startswith("separate") for v in p.values or []):
+            probe["weighting.name"] = next(v for v in p.values if str(v).startswith("separate"))
+        if p.key == "loss.name" and "lcl" in (p.values or []):
+            probe["loss.name"] = "lcl"
+        if p.key == "loss.lam":
+            probe["loss.lam"] = p.low
+    return prepare_trial_data(study.trial_config(probe))
+
+
+def _tune_config(study: Study) -> "tune.TuneConfig":
+    searcher = OptunaSearch(space=DefineByRun(study.params), metric=study.tune_metric, mode=study.mode,
+                            sampler=make_sampler(study), points_to_evaluate=study.points_to_evaluate or None)
+    return tune.TuneConfig(metric=study.tune_metric, mode=study.mode, search_alg=searcher,
+                           scheduler=make_scheduler(study), num_samples=study.num_samples,
+                           max_concurrent_trials=study.max_concurrent, reuse_actors=True)
+
+
+def _run_config(study: Study, folder: Path, verbose: int) -> "tune.RunConfig":
+    reporter = tune.CLIReporter(
+        metric_columns={"training_iteration": "period", study.tune_metric: "best",
+                        study.metric: "last", "time_total_s": "seconds"},
+        # conditional parameters are absent from some trials' configs, which the reporter cannot show
+        parameter_columns=[p.key for p in study.params if not p.when], max_report_frequency=15,
+        sort_by_metric=True)
+    return tune.RunConfig(
+        name="ray", storage_path=str(folder), progress_reporter=reporter, verbose=verbose,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep),
+        failure_config=tune.FailureConfig(max_failures=study.max_retries))
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+def trial_status(metrics: dict[str, Any], error: Any, study: Study) -> str:
+    """``errored``; ``completed`` (ran its full length or reached ASHA's max_t); else ``stopped early``.
+
+    Ray marks every last result ``done``, so the engine's own ``finished`` flag and the time
+    attribute against ``max_t`` tell a natural end from an ASHA stop."""
+    if error is not None:
+        return STATUS_ERRORED
+    if metrics.get("finished") or (study.scheduler == "asha" and metrics.get(study.time_attr, 0) >= study.max_t):
+        return STATUS_COMPLETED
+    return STATUS_STOPPED if study.scheduler == "asha" else STATUS_COMPLETED
+
+
+def results_table(grid: Any, study: Study):
+    """One row per Ray trial (deduplicated by trial id): config columns under their dotted keys,
+    final metrics, ``best/<metric>``, status, periods, wall time, error text."""
+    import pandas as pd
+
+    rows: dict[str, dict[str, Any]] = {}
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        params = dict(result.config or {})
+        trial_id = metrics.get("trial_id") or Path(result.path).name
+        row: dict[str, Any] = {"trial_id": trial_id}
+        row["status"] = trial_status(metrics, result.error, study)
+        cfg = study.trial_config(params).flat()
+        row.update({k: (v if not isinstance(v, list) else ",".join(map(str, v))) for k, v in cfg.items()})
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k.startswith(("dev/", "train/", "best/", "time/"))
+                                                                           or k in ("step", "epoch", "samples")):
+                row[k] = v
+        row["periods"] = metrics.get("training_iteration", 0)
+        row["wall_s"] = metrics.get("time_total_s", math.nan)
+        row["sampled"] = ",".join(sorted(params))
+        row["error"] = _error_text(result) if result.error is not None else ""
+        row["path"] = str(result.path)
+        rows[trial_id] = row
+    table = pd.DataFrame(list(rows.values()))
+    return table.sort_values("trial_id").reset_index(drop=True) if len(table) else table
+
+
+def _error_text(result: Any) -> str:
+    """The trial's traceback: Ray's ``error.txt`` (one block per failed attempt) when it exists,
+    else the exception's text; terminal colour codes removed; at most the last 20,000 characters."""
+    import re
+
+    file = Path(result.path) / "error.txt"
+    text = file.read_text(errors="replace") if file.is_file() else str(result.error)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return text[-20000:]
+
+
+def write_results(table: Any, folder: Path) -> Path:
+    path = folder / "results.parquet"
+    tmp = folder / "results.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def write_optuna_journal(table: Any, study: Study, path: Path) -> None:
+    """Persist the search as an Optuna study: one finished trial per Ray trial (COMPLETE with the
+    best-so-far metric, or FAIL), with the Ray trial id and status as user attributes."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(tmp)))
+    direction = "maximize" if study.mode == "max" else "minimize"
+    ostudy = optuna.create_study(study_name=study.name, storage=storage, direction=direction)
+    ostudy.set_user_attr("metric", study.tune_metric)
+    by_key = {p.key: p for p in study.params}
+    for row in table.to_dict("records"):
+        sampled = [k for k in row["sampled"].split(",") if k in by_key]
+        params = {k: row[k] for k in sampled}
+        value = row.get(study.tune_metric)
+        ok = row["status"] != STATUS_ERRORED and value is not None and not _isnan(value)
+        ostudy.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: distribution(by_key[k]) for k in sampled},
+            value=float(value) if ok else None,
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+            user_attrs={"ray_trial_id": row["trial_id"], "status": row["status"], "periods": int(row["periods"])}))
+    os.replace(tmp, path)
+    Path(f"{tmp}.lock").unlink(missing_ok=True)
+
+
+def _isnan(x: Any) -> bool:
+    return isinstance(x, float) and math.isnan(x)
+
+
+def best_row(table: Any, study: Study) -> dict[str, Any] | None:
+    ok = table[table["status"] != STATUS_ERRORED] if len(table) else table
+    if not len(ok) or study.tune_metric not in ok:
+        return None
+    ok = ok.dropna(subset=[study.tune_metric])
+    if not len(ok):
+        return None
+    idx = ok[study.tune_metric].idxmax() if study.mode == "max" else ok[study.tune_metric].idxmin()
+    return ok.loc[idx].to_dict()
+
+
+def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> None:
+    counts = table["status"].value_counts().to_dict() if len(table) else {}
+    print(f"\nstudy {study.name!r}: {len(table)} trials in {seconds:.0f}s "
+          f"({', '.join(f'{n} {s}' for s, n in counts.items())})", file=sys.stderr)
+    best = best_row(table, study)
+    if best is not None:
+        params = ", ".join(f"{p.key}={_fmt(best.get(p.key))}" for p in study.params if p.active(best))
+        print(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})",
+              file=sys.stderr)
+    for row in table[table["status"] == STATUS_ERRORED].to_dict("records") if len(table) else []:
+        print(f"errored trial {row['trial_id']}: {row['error'].strip().splitlines()[-1][:200]}", file=sys.stderr)
+    print(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}", file=sys.stderr)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,73 @@
+"""The Ray Tune trainable: one trial = one :class:`~lcl_tune.engine.Trainer` run.
+
+It lives in the package (not in a script or a test) so Ray workers can import it. Per evaluation
+period it reports every scalar metric plus the best-so-far value of the study metric (what Optuna
+must see: OptunaSearch takes a trial's *last* reported value) and a checkpoint holding weights,
+optimiser and counters only (``torch.load(weights_only=True)``: never pickled code). On a retry or
+a restored study the trial continues from its last checkpoint.
+
+Adapter module: the only place besides :mod:`lcl_tune.search` and :mod:`lcl_tune.tracking` that
+imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from .study import Study
+
+STATE_FILE = "state.pt"
+DETAILS_FILE = "details.json"
+TRIAL_CONFIG_FILE = "trial_config.yaml"
+FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
+"""Fault injection for tests: ``key=value`` makes trials with that sampled value raise before
+training; ``key=value@N`` makes them raise once, at evaluation period N of a first attempt (a retry
+that restored a checkpoint passes). Several rules are separated by ``;``."""
+
+
+def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data: Any = None) -> None:
+    """Function trainable. ``params``: the sampled dotted keys; ``study``: the validated study;
+    ``data``/``w_data``: tokenised splits prepared once on the driver and shared through the
+    object store (``tune.with_parameters``), so no trial tokenises."""
+    from .engine import Trainer
+
+    cfg = study.trial_config(params)
+    _maybe_fail(params, period=0, resumed=False)
+    context = tune.get_context()
+    threads = max(1, int(study.cpu)) if cfg.train.device in ("auto", "cpu") else None
+    if threads and not cfg.train.threads:
+        cfg.train.threads = threads  # a trial uses the CPUs it reserved, no more (trials share nodes)
+    trainer = Trainer(cfg, data=data, w_data=w_data, progress=False)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.restore(Path(folder) / STATE_FILE)
+    start = time.time()
+    for report in trainer.run():
+        _maybe_fail(params, period=report["period"], resumed=checkpoint is not None)
+        details = report.pop("details")
+        metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
+        metrics["time/trial_wall_s"] = time.time() - start
+        metrics["trial_id"] = context.get_trial_id()
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save(Path(folder) / STATE_FILE)
+            (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))
+            (Path(folder) / TRIAL_CONFIG_FILE).write_text(cfg.to_yaml())
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _maybe_fail(params: dict[str, Any], period: int, resumed: bool) -> None:
+    for rule in filter(None, os.environ.get(FAIL_ENV, "").split(";")):
+        condition, _, at = rule.partition("@")
+        key, _, value = condition.partition("=")
+        if key not in params or str(params[key]) != value:
+            continue
+        if (not at and period == 0) or (at and int(at) == period and not resumed):
+            raise RuntimeError(f"injected failure for {condition}{' at period ' + at if at else ''} ({FAIL_ENV})")

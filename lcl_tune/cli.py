@@ -92,8 +92,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
         study.name = args.name
     from .search import run_study  # heavy: ray, optuna, torch
 
-    table = run_study(study, args.storage, resume=args.resume, address=args.address)
+    table = run_study(study, args.storage, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri)
     return 0 if len(table) else 1
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .ui import serve  # heavy: mlflow
+
+    return serve(study_dir=args.study_dir, tracking_uri=args.tracking_uri, host=args.host, port=args.port,
+                 open_browser=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="study name (default: the YAML's name); the study lives in STORAGE/NAME")
     s.add_argument("--resume", action="store_true", help="continue an interrupted study")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--tracking-uri", help="MLflow tracking server, e.g. http://head:5000 "
+                   "(default: SQLite store STORAGE/NAME/mlflow.db)")
     s.set_defaults(func=cmd_tune)
+
+    u = sub.add_parser("ui", help="start the MLflow UI for a study folder (or a tracking URI) and print its URL")
+    u.add_argument("study_dir", nargs="?", help="a study folder (STORAGE/NAME) holding mlflow.db")
+    u.add_argument("--tracking-uri", help="browse this store or server instead of a study folder")
+    u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    u.add_argument("--port", type=int, default=5000)
+    u.set_defaults(func=cmd_ui)
 
     v = sub.add_parser("validate", help="check a study or trial config and print its budget (no Ray, no torch)")
     v.add_argument("file")

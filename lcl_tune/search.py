@@ -39,6 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
     raise ImportError(f"lcl_tune.search needs Ray Tune and Optuna ({e.name} is missing): "
                       "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
 
+from . import tracking as T
 from .trainable import lcl_trainable
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
@@ -107,31 +108,38 @@ def make_scheduler(study: Study):
 
 
 def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: bool = False,
-              address: str | None = None, command: str | None = None, verbose: int = 1) -> "Any":
+              address: str | None = None, tracking_uri: str | None = None, command: str | None = None,
+              verbose: int = 1) -> "Any":
     """Run (or resume) ``study``; returns the results table (a pandas DataFrame)."""
     folder = study_folder(storage, study.name)
     ray_dir = folder / "ray"
     _check_folder(study, folder, ray_dir, resume)
     folder.mkdir(parents=True, exist_ok=True)
     _write_study(study, folder, command)
+    # The MLflow store, experiment and parent run exist before any trial starts (and are found
+    # again on resume); an unreachable tracking server fails here, before Ray starts.
+    target = T.start_study(study.name, folder, kind="study", uri=tracking_uri,
+                           artifacts=[folder / "study.yaml", folder / "command.txt"])
 
     _init_ray(address)
     check_resources(study, ray.cluster_resources())
     data, w_data = shared_data(study)
     trainable = tune.with_resources(
-        tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data),
+        tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data, tracking=target),
         {"cpu": study.cpu, "gpu": study.gpu})
 
     if resume:
         print(f"resuming study {study.name!r} from {ray_dir}", file=sys.stderr)
         tuner = tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=_run_config(study, folder, verbose))
+        run_config = _run_config(study, folder, verbose, [TrialOutcomes(target, study)])
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=run_config)
     start = time.time()
     grid = tuner.fit()
     table = results_table(grid, study)
     write_results(table, folder)
     write_optuna_journal(table, study, folder / "optuna.journal")
+    summarise_in_mlflow(target, table, study, folder)
     print_summary(table, study, folder, time.time() - start)
     return table
 
@@ -210,7 +218,7 @@ def _tune_config(study: Study) -> "tune.TuneConfig":
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
 
 
-def _run_config(study: Study, folder: Path, verbose: int) -> "tune.RunConfig":
+def _run_config(study: Study, folder: Path, verbose: int, callbacks: list) -> "tune.RunConfig":
     reporter = tune.CLIReporter(
         metric_columns={"training_iteration": "period", study.tune_metric: "best",
                         study.metric: "last", "time_total_s": "seconds"},
@@ -218,9 +226,80 @@ def _run_config(study: Study, folder: Path, verbose: int) -> "tune.RunConfig":
         parameter_columns=[p.key for p in study.params if not p.when], max_report_frequency=15,
         sort_by_metric=True)
     return tune.RunConfig(
-        name="ray", storage_path=str(folder), progress_reporter=reporter, verbose=verbose,
+        name="ray", storage_path=str(folder), progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep),
         failure_config=tune.FailureConfig(max_failures=study.max_retries))
+
+
+class TrialOutcomes(tune.Callback):
+    """Driver-side: closes each trial's MLflow run with its outcome and cost. Only the driver knows
+    whether ASHA stopped a trial (a stopped trial's code never runs again). Pickled with the
+    experiment, so a resumed study keeps closing the same runs."""
+
+    def __init__(self, target: "T.TrackingTarget", study: Study):
+        self.target, self.study = target, study
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        self._close(trial, trial_status(result, None, self.study), result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file and Path(trial.error_file).is_file() \
+            else str(trial.get_error())
+        self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=_strip_ansi(text))
+
+    def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
+        cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
+        T.close_trial(self.target, trial.trial_id, status, cost=cost, error=error, step=int(result.get("step", 0)))
+
+
+def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, folder: Path) -> None:
+    """The parent run's summary: best trial, results table, plots, cost ledger (sum of children)."""
+    T.drop_superseded(target, set(table["trial_id"]) if len(table) else set())
+    rows = table.to_dict("records") if len(table) else []
+    for r in rows:
+        r.update(T.trial_cost(float(r.get("wall_s") or 0.0), study.cpu, study.gpu))
+    summary = T.cost_summary(rows, study.max_t if study.scheduler == "asha" else None, study.time_unit == "period")
+    counts = {s: sum(r["status"] == s for r in rows) for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED)}
+    summary.update({f"trials/{k.replace(' ', '_')}": v for k, v in counts.items()})
+    tags = {"lcl_tune.trials": str(len(rows))}
+    best = best_row(table, study)
+    if best is not None:
+        summary[study.tune_metric] = best[study.tune_metric]
+        tags.update({"lcl_tune.best_trial_id": best["trial_id"]})
+        runs = T.find_runs(target.client(), target.experiment_id,
+                           {T.TAG_PARENT: target.parent_run_id, T.TAG_TRIAL: best["trial_id"]})
+        if runs:
+            tags["lcl_tune.best_run_id"] = runs[0].info.run_id
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    artifacts = [folder / "results.parquet", *study_plots(table, study, plots, folder / "optuna.journal")]
+    T.finish_study(target, summary_metrics=summary, tags=tags, artifacts=artifacts)
+
+
+def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[Path]:
+    """Parallel coordinates of the searched parameters against the metric, and Optuna's fANOVA
+    importances (when at least two trials finished)."""
+    from .plots import importance_png, parallel_coordinates_png
+
+    ok = table[table["status"] != STATUS_ERRORED] if len(table) else table
+    if not len(ok):
+        return []
+    keys = [p.key for p in study.params]
+    rows = [{k: (None if _isnan(r.get(k)) else r.get(k)) for k in keys + [study.tune_metric]} for r in ok.to_dict("records")]
+    out = [parallel_coordinates_png(rows, keys, study.tune_metric, folder / "parallel_coordinates.png",
+                                    title=f"{study.name}: {len(rows)} trials")]
+    try:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        ostudy = optuna.load_study(study_name=study.name, storage=JournalStorage(JournalFileBackend(str(journal))))
+        complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if len(complete) >= 2:
+            out.append(importance_png(optuna.importance.get_param_importances(ostudy), folder / "importance.png"))
+    except (ValueError, RuntimeError, KeyError) as e:  # too few or too uniform trials for fANOVA
+        print(f"(no importance plot: {e})", file=sys.stderr)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,13 +349,17 @@ def results_table(grid: Any, study: Study):
 
 def _error_text(result: Any) -> str:
     """The trial's traceback: Ray's ``error.txt`` (one block per failed attempt) when it exists,
-    else the exception's text; terminal colour codes removed; at most the last 20,000 characters."""
-    import re
-
+    else the exception's text; at most the last 20,000 characters."""
     file = Path(result.path) / "error.txt"
     text = file.read_text(errors="replace") if file.is_file() else str(result.error)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return text[-20000:]
+    return _strip_ansi(text)[-20000:]
+
+
+def _strip_ansi(text: str) -> str:
+    """Ray colours its tracebacks for terminals; files and MLflow tags get plain text."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def write_results(table: Any, folder: Path) -> Path:
@@ -293,6 +376,7 @@ def write_optuna_journal(table: Any, study: Study, path: Path) -> None:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     storage = JournalStorage(JournalFileBackend(str(tmp)))

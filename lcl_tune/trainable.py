@@ -32,19 +32,27 @@ training; ``key=value@N`` makes them raise once, at evaluation period N of a fir
 that restored a checkpoint passes). Several rules are separated by ``;``."""
 
 
-def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data: Any = None) -> None:
+def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data: Any = None,
+                  tracking: Any = None) -> None:
     """Function trainable. ``params``: the sampled dotted keys; ``study``: the validated study;
     ``data``/``w_data``: tokenised splits prepared once on the driver and shared through the
-    object store (``tune.with_parameters``), so no trial tokenises."""
+    object store (``tune.with_parameters``), so no trial tokenises; ``tracking``: the study's
+    :class:`~lcl_tune.tracking.TrackingTarget` (None: no MLflow)."""
     from .engine import Trainer
 
     cfg = study.trial_config(params)
-    _maybe_fail(params, period=0, resumed=False)
     context = tune.get_context()
+    run = None
+    if tracking is not None:  # first, so a trial that fails to start still shows its params
+        from .tracking import TrialRun
+
+        run = TrialRun(tracking, context.get_trial_id(), cfg.flat(), {"lcl_tune.study": study.name})
+    _maybe_fail(params, period=0, resumed=False)
     threads = max(1, int(study.cpu)) if cfg.train.device in ("auto", "cpu") else None
     if threads and not cfg.train.threads:
         cfg.train.threads = threads  # a trial uses the CPUs it reserved, no more (trials share nodes)
     trainer = Trainer(cfg, data=data, w_data=w_data, progress=False)
+    config_yaml = cfg.to_yaml()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -55,11 +63,14 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
         details = report.pop("details")
         metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
         metrics["time/trial_wall_s"] = time.time() - start
+        if run is not None:  # before tune.report: a trial that ASHA stops never returns from it
+            run.log_report(metrics, step=report["step"])
+            run.log_details(details, config_yaml)
         metrics["trial_id"] = context.get_trial_id()
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))
-            (Path(folder) / TRIAL_CONFIG_FILE).write_text(cfg.to_yaml())
+            (Path(folder) / TRIAL_CONFIG_FILE).write_text(config_yaml)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 

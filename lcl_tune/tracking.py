@@ -1,0 +1,322 @@
+"""MLflow layout of a study, written with the plain client (not Ray's MLflowLoggerCallback).
+
+* one **experiment** per study, named by the study;
+* one **parent run** per study (tags: study, kind, git commit, package version; artifacts: the
+  resolved study YAML and the command), which gets the summary when the study ends: best trial,
+  ``results.parquet``, a parallel-coordinates plot and parameter importances, and the cost ledger;
+* one **child run** per trial (tag ``mlflow.parentRunId``), named from its config
+  (``lcl·separate·τ=0.12·λ=0.31``), params under the YAML's dotted keys, one ``log_batch`` call
+  per reported result (all metrics at their step), artifacts: config, confusion matrix (PNG +
+  JSON), per-class F1 table; its outcome (completed / stopped early / errored) as a tag.
+
+A trial's run is found again by its Ray trial id, so retries and ``--resume`` continue the same
+run: exactly one run per trial. Tracking never kills a trial: a failed log call is retried, then
+warned about.
+
+Adapter module: imports MLflow (with an install hint when missing).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .config import ConfigError
+
+try:
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("lcl_tune.tracking needs MLflow: pip install 'mlflow==3.17.2'") from e
+
+TAG_ROLE = "lcl_tune.role"  # study | trial (ablation | arm | seed for ablations)
+TAG_STUDY = "lcl_tune.study"
+TAG_FOLDER = "lcl_tune.folder"  # the study folder: tells two studies of the same name apart
+TAG_TRIAL = "lcl_tune.trial_id"
+TAG_STATUS = "lcl_tune.status"
+TAG_STOPPED = "lcl_tune.stopped_early"
+TAG_ERROR = "lcl_tune.error"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_NAME = "mlflow.runName"
+MAX_PARAM_CHARS = 6000
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a study's runs go; small and picklable, shipped to every trial."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+
+# --------------------------------------------------------------------------------------------
+# Store, experiment, parent run (driver side)
+# --------------------------------------------------------------------------------------------
+
+
+def default_uri(folder: Path) -> str:
+    """The embedded store: SQLite at an absolute path inside the study folder."""
+    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any trial) when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status >= 400:
+                raise urllib.error.URLError(f"HTTP {resp.status}")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError("--tracking-uri", f"cannot reach the MLflow tracking server at {uri} ({reason})",
+                          "start it (mlflow server --host ... --port ...) or fix the address; "
+                          "leave --tracking-uri out to use the study's own SQLite store") from None
+
+
+def open_store(uri: str) -> MlflowClient:
+    """Create the store before any trial touches it: concurrent first use of a new SQLite file by
+    several trial processes can corrupt it, so the driver creates the schema up front."""
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    client.search_experiments(max_results=1)  # creates/migrates the SQLite schema now
+    return client
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def find_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> list[Any]:
+    query = " and ".join(f"tags.`{k}` = '{_quote(v)}'" for k, v in tags.items())
+    return list(client.search_runs([experiment_id], query, max_results=5000))
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("'", "\\'")
+
+
+def start_study(name: str, folder: Path, *, kind: str = "study", uri: str | None = None,
+                extra_tags: Mapping[str, str] | None = None, artifacts: Iterable[Path] = ()) -> TrackingTarget:
+    """Experiment + parent run for the study in ``folder`` (the same parent again on resume)."""
+    uri = uri or default_uri(folder)
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    client = open_store(uri)
+    exp_id = get_or_create_experiment(client, name, folder / "mlartifacts" if local else None)
+    found = find_runs(client, exp_id, {TAG_ROLE: kind, TAG_FOLDER: str(folder)})
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {TAG_ROLE: kind, TAG_STUDY: name, TAG_FOLDER: str(folder), "lcl_tune.kind": kind,
+                "lcl_tune.git_commit": git_commit(), "lcl_tune.version": package_version(), **(extra_tags or {})}
+        run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    return TrackingTarget(uri, exp_id, run_id)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lcl-tune")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Child runs (trial side)
+# --------------------------------------------------------------------------------------------
+
+
+def run_name(flat: Mapping[str, Any]) -> str:
+    """``lcl·separate·τ=0.12·λ=0.31`` / ``scl·τ=0.3·λ=0.5`` / ``ce·lr=2e-05``."""
+    loss = flat.get("loss.name", "?")
+    if loss == "ce" or flat.get("loss.lam") == 1.0:
+        return f"ce·lr={flat.get('optim.lr', 0):.2g}"
+    parts = [loss] + ([str(flat.get("weighting.name"))] if loss == "lcl" else [])
+    parts += [f"τ={flat.get('loss.temperature', 0):.2g}", f"λ={flat.get('loss.lam', 0):.2f}"]
+    return "·".join(parts)
+
+
+def _retry(fn: Callable[[], Any], what: str, attempts: int = 4) -> Any:
+    """SQLite stores answer 'database is locked' under concurrent trials: back off and retry;
+    after the last attempt warn instead of killing the trial."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - tracking must never kill training
+            if i == attempts - 1:
+                warnings.warn(f"MLflow {what} failed: {e}", stacklevel=3)
+                return None
+            time.sleep(0.2 * 2**i)
+
+
+class TrialRun:
+    """The child run of one Ray trial, created once and found again on retries and resumes."""
+
+    def __init__(self, target: TrackingTarget, trial_id: str, flat_config: Mapping[str, Any],
+                 extra_tags: Mapping[str, str] | None = None):
+        self.target, self.trial_id = target, trial_id
+        self.client = target.client()
+        found = find_runs(self.client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, TAG_STATUS, "running")
+            return
+        tags = {TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_STATUS: "running",
+                **(extra_tags or {})}
+        self.run_id = self.client.create_run(target.experiment_id, run_name=run_name(flat_config), tags=tags).info.run_id
+        params = [Param(k, _param_value(v)) for k, v in flat_config.items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def log_report(self, metrics: Mapping[str, float], step: int) -> None:
+        """All scalar metrics of one reported result in one call, at the trial's training step."""
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch), "log_batch")
+
+    def log_details(self, details: Mapping[str, Any], config_yaml: str) -> None:
+        """The latest confusion matrix (PNG + JSON), per-class F1 table and resolved config; each
+        report overwrites them, so when the trial ends (however it ends) they are its final ones."""
+        with tempfile.TemporaryDirectory() as tmp:
+            write_trial_artifacts(Path(tmp), details, config_yaml)
+            _retry(lambda: self.client.log_artifacts(self.run_id, tmp), "log_artifacts")
+
+
+def _param_value(v: Any) -> str:
+    text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return text[:MAX_PARAM_CHARS]
+
+
+def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str) -> None:
+    from .plots import confusion_matrix_png
+
+    labels = list(details.get("label_names", []))
+    cm = details.get("dev/confusion")
+    (folder / "config.yaml").write_text(config_yaml)
+    if cm is not None:
+        (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": cm}))
+        confusion_matrix_png(cm, labels, folder / "confusion_matrix.png", title="dev confusion matrix")
+    f1 = details.get("dev/per_class_f1") or {}
+    support = [sum(row) for row in cm] if cm is not None else [None] * len(f1)
+    lines = ["class,f1,support"] + [f"{_csv(name)},{value:.6f},{s}" for (name, value), s in zip(f1.items(), support)]
+    (folder / "per_class_f1.csv").write_text("\n".join(lines) + "\n")
+
+
+def _csv(text: str) -> str:
+    return f'"{text}"' if "," in text else text
+
+
+# --------------------------------------------------------------------------------------------
+# Outcomes and the study summary (driver side)
+# --------------------------------------------------------------------------------------------
+
+
+def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Mapping[str, float],
+                error: str | None = None, step: int = 0) -> None:
+    """Mark a trial's run with its outcome and cost; called by the driver, which alone knows
+    whether ASHA stopped the trial."""
+    client = target.client()
+    found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+    if not found:  # the trial failed before it could create its run: create it now, so it is seen
+        run_id = client.create_run(target.experiment_id, run_name=f"trial {trial_id}",
+                                   tags={TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id}
+                                   ).info.run_id
+    else:
+        run_id = found[0].info.run_id
+    tags = [RunTag(TAG_STATUS, status), RunTag(TAG_STOPPED, str(status == "stopped early").lower())]
+    if error:
+        tags.append(RunTag(TAG_ERROR, error.strip().splitlines()[-1][:4000] if error.strip() else "error"))
+    ts = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), ts, step) for k, v in cost.items()]
+    _retry(lambda: client.log_batch(run_id, metrics=metrics, tags=tags), "log_batch")
+    if error:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "error.txt").write_text(error)
+            _retry(lambda: client.log_artifact(run_id, str(Path(tmp) / "error.txt")), "log_artifact")
+    client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
+
+
+def trial_cost(wall_s: float, cpu: float, gpu: float) -> dict[str, float]:
+    """The cost ledger of one trial: wall time and the resources it held for it."""
+    return {"cost/wall_s": wall_s, "cost/cpu_s": wall_s * cpu, "cost/accelerator_s": wall_s * gpu}
+
+
+def child_runs(target: TrackingTarget) -> list[Any]:
+    return find_runs(target.client(), target.experiment_id, {TAG_PARENT: target.parent_run_id})
+
+
+def drop_superseded(target: TrackingTarget, keep_trial_ids: set[str]) -> int:
+    """Soft-delete child runs of trial ids that Ray no longer knows: after a driver was killed,
+    trials that finished after Ray's last state save are re-run under new ids; their first runs
+    are duplicates. Returns how many were deleted (they stay restorable in MLflow)."""
+    client = target.client()
+    n = 0
+    for run in child_runs(target):
+        if run.data.tags.get(TAG_TRIAL) not in keep_trial_ids:
+            client.set_tag(run.info.run_id, TAG_STATUS, "superseded")
+            client.delete_run(run.info.run_id)
+            n += 1
+    return n
+
+
+def cost_summary(rows: list[dict[str, Any]], max_t: int | None, time_attr_is_period: bool) -> dict[str, float]:
+    """Totals of the children's ledgers, and what early stopping saved: each stopped trial is
+    projected to ``max_t`` periods at its own seconds per period."""
+    total = {k: sum(float(r.get(k, 0.0) or 0.0) for r in rows) for k in ("cost/wall_s", "cost/cpu_s", "cost/accelerator_s")}
+    saved = 0.0
+    for r in rows:
+        periods = r.get("periods") or 0
+        if r.get("status") == "stopped early" and periods and max_t and time_attr_is_period:
+            saved += float(r.get("cost/wall_s", 0.0)) / periods * (max_t - periods)
+    total["cost/saved_by_early_stopping_s"] = saved
+    full = total["cost/wall_s"] + saved
+    total["cost/saved_fraction"] = saved / full if full > 0 else 0.0
+    return total
+
+
+def finish_study(target: TrackingTarget, *, summary_metrics: Mapping[str, float], tags: Mapping[str, str],
+                 artifacts: Iterable[Path], status: str = "FINISHED") -> None:
+    client = target.client()
+    ts = int(time.time() * 1000)
+    client.log_batch(target.parent_run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in summary_metrics.items()
+                                                    if v is not None and math.isfinite(float(v))],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path in artifacts:
+        client.log_artifact(target.parent_run_id, str(path))
+    client.set_terminated(target.parent_run_id, status)
+
+
+def runs_page_url(base: str, experiment_id: str) -> str:
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"

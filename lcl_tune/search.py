@@ -257,9 +257,8 @@ def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, fo
     """The parent run's summary: best trial, results table, plots, cost ledger (sum of children)."""
     T.drop_superseded(target, set(table["trial_id"]) if len(table) else set())
     rows = table.to_dict("records") if len(table) else []
-    for r in rows:
-        r.update(T.trial_cost(float(r.get("wall_s") or 0.0), study.cpu, study.gpu))
-    summary = T.cost_summary(rows, study.max_t if study.scheduler == "asha" else None, study.time_unit == "period")
+    asha_periods = study.scheduler == "asha" and study.time_unit == "period"
+    summary = T.cost_summary(target, rows, study.max_t if asha_periods else None)
     counts = {s: sum(r["status"] == s for r in rows) for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED)}
     summary.update({f"trials/{k.replace(' ', '_')}": v for k, v in counts.items()})
     tags = {"lcl_tune.trials": str(len(rows))}

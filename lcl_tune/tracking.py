@@ -291,15 +291,19 @@ def drop_superseded(target: TrackingTarget, keep_trial_ids: set[str]) -> int:
     return n
 
 
-def cost_summary(rows: list[dict[str, Any]], max_t: int | None, time_attr_is_period: bool) -> dict[str, float]:
-    """Totals of the children's ledgers, and what early stopping saved: each stopped trial is
-    projected to ``max_t`` periods at its own seconds per period."""
-    total = {k: sum(float(r.get(k, 0.0) or 0.0) for r in rows) for k in ("cost/wall_s", "cost/cpu_s", "cost/accelerator_s")}
+COST_KEYS = ("cost/wall_s", "cost/cpu_s", "cost/accelerator_s")
+
+
+def cost_summary(target: TrackingTarget, rows: list[dict[str, Any]], max_t: int | None) -> dict[str, float]:
+    """The study's ledger: the sum of what its child runs logged, and what early stopping saved
+    (each stopped trial projected to ``max_t`` periods at its own seconds per period)."""
+    children = child_runs(target)
+    total = {k: sum(r.data.metrics.get(k, 0.0) for r in children) for k in COST_KEYS}
     saved = 0.0
     for r in rows:
-        periods = r.get("periods") or 0
-        if r.get("status") == "stopped early" and periods and max_t and time_attr_is_period:
-            saved += float(r.get("cost/wall_s", 0.0)) / periods * (max_t - periods)
+        periods, wall = r.get("periods") or 0, r.get("wall_s")
+        if r.get("status") == "stopped early" and periods and max_t and wall == wall:  # wall == wall: not NaN
+            saved += float(wall) / periods * (max_t - periods)
     total["cost/saved_by_early_stopping_s"] = saved
     full = total["cost/wall_s"] + saved
     total["cost/saved_fraction"] = saved / full if full > 0 else 0.0

@@ -1,0 +1,405 @@
+"""``lcl-tune ui``: bad input fails before anything starts, the server binds loopback only and stops
+on Ctrl-C, a child run's artifacts load, and a real browser shows the parent run with its nested
+trial runs.
+
+The study is written with :mod:`lcl_tune.tracking` directly (no Ray, no training): seconds, not
+minutes. Every server a test starts is stopped in a ``finally`` or fixture teardown.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lcl_tune import tracking as T
+from lcl_tune.cli import main as cli_main
+from lcl_tune.config import ConfigError, TrialConfig
+from lcl_tune.ui import UIServer, check_port, free_port, serve, server_command, start_ui
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+TRIALS = [(0.1, "separate"), (0.3, "ema"), (0.5, "uniform"), (0.2, "self")]  # (loss.temperature, weighting.name)
+LABELS = ["negative", "neutral", "positive"]
+
+
+# --------------------------------------------------------------------------------------------
+# A small study, written without Ray
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeStudy:
+    folder: Path
+    target: T.TrackingTarget
+    parent_name: str
+    child_names: list[str]
+    child_run_ids: list[str]
+
+
+def make_study(folder: Path, name: str = "ui-demo", trials: list[tuple[float, str]] = TRIALS) -> FakeStudy:
+    """Experiment + parent run + one finished child run per trial, with reports and artifacts,
+    exactly as a real study logs them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = T.start_study(name, folder)
+    names, run_ids = [], []
+    for i, (tau, weighting) in enumerate(trials):
+        cfg = TrialConfig()
+        cfg.loss.temperature, cfg.weighting.name = tau, weighting
+        trial_id = f"trial_{i:05d}"
+        run = T.TrialRun(target, trial_id, cfg.flat())
+        for step in (10, 20):
+            f1 = 0.35 + 0.1 * i + step / 100
+            run.log_report({"dev/accuracy": f1 + 0.05, "dev/weighted_f1": f1, "train/loss": 1.5 - step / 40}, step)
+        run.log_details({"label_names": LABELS, "dev/confusion": [[8, 2, 0], [1, 6, 3], [0, 2, 9]],
+                         "dev/per_class_f1": {"negative": 0.84, "neutral": 0.63, "positive": 0.82}}, cfg.to_yaml())
+        T.close_trial(target, trial_id, "completed" if i % 2 == 0 else "stopped early",
+                      cost=T.trial_cost(12.0 + i, 1.0, 0.0), step=20)
+        names.append(T.run_name(cfg.flat()))
+        run_ids.append(run.run_id)
+    best = max(0.35 + 0.1 * i + 0.2 for i in range(len(trials)))
+    T.finish_study(target, summary_metrics={"best/dev/weighted_f1": best, "trials/completed": len(trials)},
+                   tags={"lcl_tune.trials": str(len(trials))}, artifacts=[])
+    return FakeStudy(folder, target, name, names, run_ids)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> FakeStudy:
+    return make_study(tmp_path_factory.mktemp("ui") / "ui-demo")
+
+
+@pytest.fixture(scope="module")
+def ui(study) -> UIServer:
+    server = start_ui(study.folder, port=0)
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.running
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input, ports, flags: no server
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(ConfigError) as e:
+        call()
+    msg = str(e.value)
+    assert "\n" not in msg and "Fix:" in msg, msg
+    return msg
+
+
+def test_serve_rejects_bad_input_before_starting_anything(tmp_path, study, capsys):
+    msg = _one_line_error(lambda: serve(study_dir=str(tmp_path), tracking_uri=None))
+    assert msg.startswith("study_dir: ") and str(tmp_path.resolve()) in msg and "mlflow.db" in msg
+    assert "exactly one" in _one_line_error(lambda: serve(study_dir=str(study.folder), tracking_uri=study.target.uri))
+    assert "neither" in _one_line_error(lambda: serve(study_dir=None, tracking_uri=None))
+    msg = _one_line_error(lambda: serve(study_dir=None, tracking_uri=f"sqlite:///{tmp_path}/missing.db"))
+    assert msg.startswith("--tracking-uri: ") and "missing.db" in msg
+    assert capsys.readouterr().err == ""  # nothing was started, so nothing was announced
+
+    # the CLI prints the error on one line and exits 2
+    assert cli_main(["ui", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: study_dir: ") and "\n" not in err
+
+
+def test_port_in_use_is_a_config_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        msg = _one_line_error(lambda: check_port("127.0.0.1", port))
+    assert msg.startswith("--port: ") and str(port) in msg
+
+
+def test_server_flags_keep_artifacts_in_the_study_and_allow_the_real_host_name_when_exposed(study):
+    from lcl_tune.ui import Store
+
+    store = Store(T.default_uri(study.folder), study.folder)
+    local = server_command(store, "127.0.0.1", 5000)
+    artifacts = (study.folder / "mlartifacts").as_uri()
+    assert local[local.index("--host") + 1] == "127.0.0.1" and local[local.index("--workers") + 1] == "1"
+    assert local[local.index("--default-artifact-root") + 1] == artifacts
+    assert local[local.index("--artifacts-destination") + 1] == artifacts
+    assert "--allowed-hosts" not in local  # MLflow's defaults already allow loopback
+
+    exposed = server_command(store, "0.0.0.0", 5000)
+    hosts = exposed[exposed.index("--allowed-hosts") + 1].split(",")
+    origins = exposed[exposed.index("--cors-allowed-origins") + 1].split(",")
+    name = socket.gethostname()
+    assert {name, f"{name}:5000", "localhost", "127.0.0.1:*"} <= set(hosts)
+    assert f"http://{name}:5000" in origins
+
+
+# --------------------------------------------------------------------------------------------
+# The CLI: loopback only, Ctrl-C stops the server
+# --------------------------------------------------------------------------------------------
+
+
+def _listeners(port: int) -> set[str]:
+    """Addresses listening on TCP ``port`` (from /proc/net/tcp and tcp6; state 0A = LISTEN)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                raw = bytes.fromhex(addr)
+                if width == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+def _read_lines(stream, into: queue.Queue) -> None:
+    for line in stream:
+        into.put(line)
+    into.put(None)
+
+
+def _kill_servers_on(port: int) -> None:
+    """Last resort if the CLI could not stop its own server: kill, by pid, the processes whose
+    command line serves this (test-chosen, otherwise unused) port."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--port" in args and str(port).encode() in args and any(b"mlflow" in a for a in args):
+            try:
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_cli_ui_binds_loopback_prints_the_runs_url_and_stops_on_ctrl_c(study):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "ui", str(study.folder), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        out, deadline = [], time.monotonic() + 120
+        while not any("Ctrl-C" in line for line in out):
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            assert line is not None, f"lcl-tune ui exited early: {proc.wait()}\n{''.join(out)}{proc.stderr.read()}"
+            out.append(line)
+        text = "".join(out)
+        expected = f"http://127.0.0.1:{port}/#/experiments/{study.target.experiment_id}/runs"
+        assert f"runs  {expected}" in text and f"home  http://127.0.0.1:{port}/" in text, text
+
+        assert _listeners(port) == {"127.0.0.1"}  # loopback only, no 0.0.0.0 and no IPv6 wildcard
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert resp.status == 200
+
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        assert proc.wait(timeout=30) == 0
+        assert "stopping the MLflow UI" in proc.stderr.read()
+        assert _listeners(port) == set()  # the server went with it
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # serve() treats SIGTERM like Ctrl-C and stops its server
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        _kill_servers_on(port)
+
+
+# --------------------------------------------------------------------------------------------
+# The running UI
+# --------------------------------------------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+
+
+def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
+    assert ui.url.startswith("http://127.0.0.1:")
+    assert ui.runs_url == f"{ui.url}/#/experiments/{study.target.experiment_id}/runs"
+    run_id = study.child_run_ids[0]
+    status, _, body = _get(f"{ui.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={run_id}")
+    listing = json.loads(body)
+    assert status == 200 and listing["root_uri"].startswith((study.folder / "mlartifacts").as_uri())
+    assert {f["path"] for f in listing["files"]} >= {"config.yaml", "confusion_matrix.png", "confusion_matrix.json",
+                                                     "per_class_f1.csv"}
+    status, kind, png = _get(f"{ui.url}/get-artifact?path=confusion_matrix.png&run_uuid={run_id}")
+    assert status == 200 and kind == "image/png" and png.startswith(b"\x89PNG")
+    status, _, csv = _get(f"{ui.url}/get-artifact?path=per_class_f1.csv&run_uuid={run_id}")
+    assert csv.decode().splitlines()[0] == "class,f1,support"
+    status, _, telemetry = _get(f"{ui.url}/ajax-api/3.0/mlflow/ui-telemetry")
+    assert json.loads(telemetry)["disable_ui_telemetry"] is True  # the browser is told not to phone home
+
+
+# --------------------------------------------------------------------------------------------
+# A real browser
+# --------------------------------------------------------------------------------------------
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    NUL-separated JSON on fds 3 and 4; stdlib only). Unlike ``--dump-dom`` with a virtual-time
+    budget, it waits for the single-page app's data to arrive and can click like a user: the
+    parent run's children are collapsed until its expander is clicked."""
+
+    def __init__(self, width: int = 1400, height: int = 900):
+        self.profile = tempfile.TemporaryDirectory(prefix="lcl-chromium-")
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        child_in, child_out = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (cmd_r, res_w))
+        os.close(cmd_r), os.close(res_w)
+
+        def onto_fds_3_and_4() -> None:  # runs in the child, before exec; dup2 leaves 3 and 4 inheritable
+            os.dup2(child_in, 3)
+            os.dup2(child_out, 4)
+
+        self.proc = subprocess.Popen(
+            [str(CHROMIUM), *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}",
+             f"--window-size={width},{height}", "about:blank"],
+            preexec_fn=onto_fds_3_and_4, close_fds=False, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(child_in), os.close(child_out)
+        self.out, self.inp = cmd_w, res_r
+        self.buffer, self.next_id, self.session = b"", 0, None
+        self.requests: list[str] = []  # every URL the page requested
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Network.enable")
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, timeout: float = 30.0, **params) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if self.session and not method.startswith(("Target.", "Browser.")):
+            message["sessionId"] = self.session
+        os.write(self.out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._message(deadline)
+            if reply.get("method") == "Network.requestWillBeSent":
+                self.requests.append(reply["params"]["request"]["url"])
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def _message(self, deadline: float) -> dict:
+        while b"\0" not in self.buffer:
+            if not select.select([self.inp], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise TimeoutError("chromium did not answer in time")
+            chunk = os.read(self.inp, 1 << 20)
+            if not chunk:
+                raise RuntimeError("chromium exited")
+            self.buffer += chunk
+        message, self.buffer = self.buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def js(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0, what: str = ""):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        raise TimeoutError(f"page never showed {what or expression}; it shows: {self.js('document.body.innerText')!r}")
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+        except (OSError, RuntimeError, TimeoutError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the leader is alive: the group is still ours
+            self.proc.wait(5)
+        os.close(self.out), os.close(self.inp)
+        self.profile.cleanup()
+
+
+RUN_LINKS = "[...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.innerText.trim()).filter(Boolean)"
+EXPANDER = "document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]')"
+ASSISTANT_CLOSE = "document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"
+
+
+def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], png: Path) -> dict:
+    """Open the runs table, expand the study's parent run, close the assistant side panel, and
+    screenshot it. Returns the run links seen before and after expanding, and every URL the
+    page requested."""
+    browser = Chromium()
+    try:
+        browser.call("Page.navigate", url=runs_url)
+        browser.wait_for(f"{EXPANDER} !== null && {RUN_LINKS}.includes({json.dumps(parent_name)})", 60,
+                         f"the parent run {parent_name!r} with an expander")
+        collapsed = browser.js(RUN_LINKS)
+        browser.js(f"{EXPANDER}.click()")
+        expanded = browser.wait_for(
+            f"(() => {{ const l = {RUN_LINKS}; return {json.dumps(child_names)}.every(n => l.includes(n)) && l }})()",
+            30, f"the child runs {child_names}")
+        browser.wait_for(f"(() => {{ const b = {ASSISTANT_CLOSE}; if (b) b.click(); return b === null }})()", 10,
+                         "the assistant panel closed")
+        time.sleep(1.0)  # let the table re-layout into the freed width before the screenshot
+        browser.screenshot(png)
+        return {"collapsed": collapsed, "expanded": expanded, "requests": list(browser.requests)}
+    finally:
+        browser.close()
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+@pytest.mark.slow
+def test_browser_shows_the_parent_run_with_its_nested_trial_runs(ui, study):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does) to run the browser test")
+    png = study.folder / "mlflow_runs.png"
+    seen = capture_runs_page(ui.runs_url, study.parent_name, study.child_names, png)
+
+    # nested: the children are hidden under the collapsed parent, and listed after it once expanded
+    assert study.parent_name in seen["collapsed"]
+    assert not set(study.child_names) & set(seen["collapsed"]), seen["collapsed"]
+    links = seen["expanded"]
+    assert set(study.child_names) <= set(links)
+    assert all(links.index(study.parent_name) < links.index(name) for name in study.child_names), links
+
+    # every request stayed on this machine: no telemetry, fonts or CDNs on the internet
+    off_machine = [u for u in seen["requests"] if not u.startswith((ui.url, "data:", "blob:", "about:"))]
+    assert off_machine == [], off_machine
+
+    assert png.stat().st_size > 10_000
+    assert _png_size(png) == (1400, 900)

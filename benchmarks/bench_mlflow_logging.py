@@ -34,11 +34,21 @@ Fairness
   other processes hits them alike; rounds repeat with fresh stores;
 * an untimed, instrumented warm-up pass first: it pays one-off costs (imports, SQL compilation)
   and counts store calls, SQL statements and SQLite transactions (HTTP requests with ``--http``)
-  per phase, which explain the ratio. Timed rounds run without instrumentation.
+  per phase, which explain the ratio. Timed rounds run without instrumentation;
+* Ray's stand-in trial has the full 48-key config as ``trial.config`` (so both log the same 48
+  params); Tune copies ``trial.config`` into every result, where the callback logs its numeric
+  values as ``config/...`` metrics. With only the sampled keys as ``trial.config`` (how
+  ``lcl_tune.search`` builds its Tune config) Ray would log fewer params and ~4 ``config/...``
+  metrics: its cost per result then lies between the ``ray-reported`` and ``ray`` rows.
+
+With ``--http``, the same again against one local ``mlflow server`` (127.0.0.1, its own fresh
+SQLite store behind it) shared by all contenders, each in its own experiment per round, with a
+smaller workload: every store call is an HTTP round trip there. Its start-up (10-50 s on a busy
+2-core machine) is not timed.
 
 Usage::
 
-    python benchmarks/bench_mlflow_logging.py [--trials 4 --results 10 --rounds 3] [--http]
+    python benchmarks/bench_mlflow_logging.py [--trials 3 --results 6 --rounds 3] [--http]
                                               [--write-results]
 
 Writes nothing into the repository unless ``--write-results`` is given: then it replaces (or
@@ -126,7 +136,9 @@ class StandInTrial:
 
 def make_trials(n: int, rng: random.Random, folder: Path) -> list[TrialSpec]:
     """``n`` trials: the default TrialConfig with the quickstart search space's keys sampled."""
-    prefix = f"{rng.getrandbits(20):05x}"
+    # Tune's ids are 5 hex digits + "_" + 5 digits; one with a hex letter, because Ray's callback
+    # logs an all-digit one ("12345_00000" parses as a float) as a `trial_id` metric
+    prefix = f"{rng.getrandbits(16):04x}e"
     specs = []
     for i in range(n):
         flat = TrialConfig().flat()
@@ -379,8 +391,8 @@ class Instrument:
 
     def _wrap_store_class(self, cls: type) -> None:
         for name, fn in inspect.getmembers(cls, inspect.isfunction):
-            if name.startswith("_") or name in NOT_STORE_CALLS:
-                continue
+            if name.startswith("_") or name in NOT_STORE_CALLS or not inspect.isfunction(inspect.getattr_static(cls, name)):
+                continue  # private helpers, housekeeping, static/class methods
             own = name in vars(cls)
             wrapper = self._store_wrapper(name, fn)
             setattr(cls, name, wrapper)
@@ -558,6 +570,17 @@ def per_call_counts(counts: list[Counts], skip_first: bool) -> Counts:
                   round(statistics.median([r.http for r in rows])))
 
 
+def paired_ratio(samples: Samples, who: str, base: str, phase: str) -> float:
+    """Median of ``who``'s time / ``base``'s time over calls made back to back in the lockstep
+    loop (same trial, same result): robust to load that changes during the run."""
+    pairs = [a / b for ra, rb in zip(samples.times[who][phase], samples.times[base][phase]) for a, b in zip(ra, rb)]
+    return median(pairs)
+
+
+def round_ratios(samples: Samples, who: str, base: str, phase: str) -> list[float]:
+    return [median(ra) / median(rb) for ra, rb in zip(samples.times[who][phase], samples.times[base][phase])]
+
+
 def store_calls_text(c: Counts) -> str:
     parts = [f"{n}×{k}" if n > 1 else k for k, n in c.store.most_common() if n]
     return ", ".join(parts)
@@ -570,7 +593,7 @@ def report(label: str, samples: Samples, contenders: list[Any], spec: TrialSpec,
     lines = [f"### {label}", "", args_text, ""]
     count_col = "HTTP requests" if http else "SQL stmts / commits"
     lines += [f"| contender | metrics / result | store calls / result | {count_col} / result | trial start (ms) "
-              "| per result (ms) | trial end (ms) | per trial, total (ms) |",
+              "| per result (ms) | trial end (ms) | whole trial (ms) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     per_trial: dict[str, list[float]] = {}
     for c in contenders:
@@ -589,17 +612,16 @@ def report(label: str, samples: Samples, contenders: list[Any], spec: TrialSpec,
         lines.append(f"- `{c.name}` store calls: trial start: {store_calls_text(per_call_counts(counts['start'], False))}; "
                      f"per result: {store_calls_text(per_call_counts(counts['result'], True))}; "
                      f"trial end: {store_calls_text(per_call_counts(counts['end'], False))}")
-    lines.append("")
+    lines += ["", "Ratios: median over the paired calls (the same result or trial, logged back to back by "
+              "both contenders), then per round the ratio of the round's medians:", ""]
     ours = contenders[0].name
     for c in contenders[1:]:
         for phase, what in (("result", "per result"), ("start", "per trial start"), ("end", "per trial end")):
-            overall = median(samples.pooled(c.name, phase)) / median(samples.pooled(ours, phase))
-            by_round = [median(samples.times[c.name][phase][r]) / median(samples.times[ours][phase][r])
-                        for r in range(len(samples.times[ours][phase]))]
-            lines.append(f"- **{c.name} / {ours}, {what}: {overall:.1f}×** (per round: "
-                         + ", ".join(f"{x:.1f}×" for x in by_round) + ")")
-        whole = median(per_trial[c.name]) / median(per_trial[ours])
-        lines.append(f"- {c.name} / {ours}, whole trial (start + results + end): {whole:.1f}×")
+            lines.append(f"- **{c.name} / {ours}, {what}: {paired_ratio(samples, c.name, ours, phase):.1f}×** "
+                         "(per round: " + ", ".join(f"{x:.1f}×" for x in round_ratios(samples, c.name, ours, phase)) + ")")
+        whole = [a / b for a, b in zip(per_trial[c.name], per_trial[ours])]
+        lines.append(f"- {c.name} / {ours}, whole trial (start + results + end): {median(whole):.1f}× "
+                     "(per round: " + ", ".join(f"{x:.1f}×" for x in whole) + ")")
     return "\n".join(lines) + "\n"
 
 
@@ -629,7 +651,7 @@ def _fs_type(path: Path) -> str:
     return fstype
 
 
-def observations_text(obs: dict[str, dict[str, Any]], results: int) -> str:
+def observations_text(obs: dict[str, dict[str, Any]]) -> str:
     lines = ["Observed in the instrumented pass (same trial, same values):", ""]
     for name, o in obs.items():
         steps = o["steps"]
@@ -655,7 +677,16 @@ CAVEATS = """Notes:
   result, then makes one `log_metric` call (one store transaction; one HTTP request on a server)
   per metric. It logs Tune's bookkeeping (`pid`, `timestamp`, `time_*`, `done`, ...) and every
   numeric `config/...` value as metrics, at step `training_iteration` (not the training step).
-  Params: one `log_param` call each.
+  Params: one `log_param` call each. Its `_parse_dict` keeps whatever `float()` accepts: a Tune
+  trial id whose 5 hex digits are all decimal (`12345_00000`; `float` accepts the underscore) is
+  logged as a `trial_id` metric too (this benchmark's ids avoid that).
+- Ray's trial -> run table lives in the callback's memory: after a driver restart
+  (`Tuner.restore`) a resumed trial gets a second run, and its params are logged again there.
+  `lcl_tune` finds the trial's run by its trial-id tag (that search is part of its trial start).
+- `ray` gets the full 48-key config as `trial.config` (same params as `lcl_tune`), hence 19
+  numeric `config/...` metrics per result; with only the sampled keys as Tune config (what
+  `lcl_tune.search` passes), it would be ~4, and the per-result ratio between the `ray-reported`
+  and `ray` rows.
 - Not timed: `lcl_tune`'s per-report artifacts (`log_details`: confusion matrix PNG/JSON, per-class
   F1), which Ray's callback has no counterpart for (`save_artifact=True` uploads the trial
   folder once, at trial end).
@@ -679,8 +710,8 @@ def write_results(section: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def measure(label: str, store_for: Callable[[str, str], str], args: argparse.Namespace, trials: int, results: int,
-            rounds: int, tmp: Path, rng: random.Random, http: bool) -> str:
+def measure(label: str, store_for: Callable[[str, str], str], trials: int, results: int, rounds: int, tmp: Path,
+            rng: random.Random, http: bool) -> str:
     """Instrumented warm-up pass (1 trial, 3 results) + ``rounds`` timed lockstep rounds, each on
     fresh stores (``store_for(tag, contender)``) and with alternating contender order."""
     samples = Samples()
@@ -700,23 +731,28 @@ def measure(label: str, store_for: Callable[[str, str], str], args: argparse.Nam
         run_lockstep(cs, make_trials(trials, rng, rdir / "trials"), results, rng, timed_call(samples, rnd), flip=rnd)
         print(f"  {label}: round {rnd + 1}/{rounds} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     args_text = (f"{trials} trials × {results} results per contender per round, {rounds} rounds "
-                 f"({trials * results * rounds} timed results each); medians over all calls.")
+                 f"({trials * results * rounds} timed results each). Times: medians over all calls; "
+                 "whole trial: the sum of a trial's calls (mean per round, median over rounds). "
+                 "Counts: per call, from the instrumented pass.")
     return report(label, samples, contenders, warm_trials[0], http=http, args_text=args_text) + "\n" \
-        + observations_text(obs, results)
+        + observations_text(obs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=4, help="trials per round (default 4)")
-    p.add_argument("--results", type=int, default=10, help="reported results per trial (default 10)")
+    # Defaults sized to finish in ~1-2 min on a busy 2-core machine: Ray's callback costs
+    # 0.3-0.6 s per result there (46 transactions), so the workload is small but still gives
+    # 54 paired per-result samples per contender.
+    p.add_argument("--trials", type=int, default=3, help="trials per round (default 3)")
+    p.add_argument("--results", type=int, default=6, help="reported results per trial (default 6)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds, fresh stores each (default 3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--http", action="store_true",
                    help="also measure against a local `mlflow server` on 127.0.0.1 (slow to start; smaller workload)")
-    p.add_argument("--http-trials", type=int, default=2)
-    p.add_argument("--http-results", type=int, default=4)
-    p.add_argument("--http-rounds", type=int, default=2)
+    p.add_argument("--http-trials", type=int, default=2, help="trials per round with --http (default 2)")
+    p.add_argument("--http-results", type=int, default=4, help="results per trial with --http (default 4)")
+    p.add_argument("--http-rounds", type=int, default=2, help="rounds with --http (default 2)")
     p.add_argument("--server-timeout", type=float, default=90.0, help="seconds to wait for the server to answer")
     p.add_argument("--write-results", action="store_true",
                    help=f"replace/append the section '{SECTION}' in {RESULTS_FILE.relative_to(REPO)}")
@@ -734,8 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                t0 = time.perf_counter()
                 template = make_template(tmp)
-                parts = [measure("SQLite (file)", lambda tag, n: fresh_sqlite(template, tmp / tag, n), args,
+                print(f"  SQLite template store created in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                parts = [measure("SQLite (file)", lambda tag, n: fresh_sqlite(template, tmp / tag, n),
                                  args.trials, args.results, args.rounds, tmp, rng, http=False)]
                 if args.http:
                     with mlflow_server(tmp / "server", args.server_timeout) as uri:
@@ -744,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                                          f"within {args.server_timeout:.0f}s\n")
                         else:
                             parts.append(measure("HTTP (local mlflow server, SQLite behind it)", lambda tag, n: uri,
-                                                 args, args.http_trials, args.http_results, args.http_rounds, tmp,
+                                                 args.http_trials, args.http_results, args.http_rounds, tmp,
                                                  rng, http=True))
             failed = [w for w in caught if "MLflow" in str(w.message) and "failed" in str(w.message)]
             if failed:  # lcl_tune's _retry turns errors into warnings: a benchmark must not hide them
@@ -752,10 +790,11 @@ def main(argv: list[str] | None = None) -> int:
             info = machine_info(load_before, tmp)
         finally:
             os.chdir(cwd)
-    section = (f"{SECTION}\n\n`python benchmarks/bench_mlflow_logging.py` — logging cost of one trial's MLflow "
+    command = " ".join(["python", "benchmarks/bench_mlflow_logging.py", *(argv if argv is not None else sys.argv[1:])])
+    section = (f"{SECTION}\n\n`{command}` — logging cost of one trial's MLflow "
                "tracking: `lcl_tune.tracking` (one `log_batch` per reported result) vs Ray's "
                "`MLflowLoggerCallback` (driven directly, same process, interleaved, fresh store each).\n\n"
-               + info + "\n" + "\n".join(parts) + "\n" + CAVEATS)
+               + info + f"- took {time.perf_counter() - started:.0f} s in all\n\n" + "\n".join(parts) + "\n" + CAVEATS)
     print(section)
     print(f"(finished in {time.perf_counter() - started:.0f}s)", file=sys.stderr)
     if args.write_results:

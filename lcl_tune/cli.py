@@ -37,6 +37,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import config as C
 
     cfg = C.load(args.config, args.set or [])
+    if args.final:
+        return _train_final(args, cfg)
+    if args.seeds:
+        raise ConfigError("--seeds", "only applies to --final", "add --final, or set the seed with --set seed=N")
     out = Path(args.out or f"lcl_runs/train/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
@@ -62,12 +66,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_final(args: argparse.Namespace, cfg) -> int:
+    from .export import read_provenance
+    from .final import train_final
+
+    out = Path(args.out or f"lcl_runs/final/{Path(args.config).stem}").resolve()
+    summaries = train_final(cfg, out, args.seeds, read_provenance(args.config))
+    for seed, s in zip(args.seeds or [cfg.seed], summaries):
+        test = s.get("test", {})
+        print(f"seed {seed}: dev {s['final'].get('dev/' + cfg.train.metric, float('nan')):.4f} "
+              f"test accuracy {test.get('accuracy', float('nan')):.4f} weighted-F1 "
+              f"{test.get('weighted_f1', float('nan')):.4f} -> {s['model_dir']}", file=sys.stderr)
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablation import load_ablation
+
+    ab = load_ablation(args.ablation, args.set or [])  # every check runs before Ray starts
+    from .ablate import run_ablation
+
+    run_ablation(ab, args.storage, address=args.address, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .ablate import write_ablation_report
+    from .ablation import load_ablation
+
+    folder = Path(args.dir).resolve()
+    if not (folder / "ablation.yaml").is_file():
+        raise ConfigError("DIR", f"no ablation.yaml in {folder}", "pass the folder of an `lcl-tune ablate` run")
+    write_ablation_report(load_ablation(folder / "ablation.yaml", check_files=False), folder)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export, write_export
+
+    doc = export(args.dir, args.select)
+    out = Path(args.output or "best.yaml")
+    write_export(doc, out)
+    sel = doc["provenance"]["selection"]
+    print(f"exported {doc['provenance']['source']} {doc['provenance']['name']!r}, {sel['rule']} by {sel['metric']}"
+          f" -> {out}\nfinal training:  lcl-tune train {out} --final --seeds {doc['seed']}", file=sys.stderr)
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a study (or trial config) and print its budget, without starting Ray or loading torch."""
     from . import config as C
     from .study import load_study
 
     tree = C.load_yaml(args.file)
+    from .ablation import is_ablation, load_ablation
+
+    if is_ablation(tree):
+        ab = load_ablation(args.file, args.set or [])
+        b = ab.budget()
+        print(f"{args.file}: valid ablation {ab.name!r}\n  arms       {', '.join(ab.arms)} (baseline {ab.baseline})\n"
+              f"  seeds      {ab.seeds}\n  cells      {b['cells']}"
+              + (f"\n  tuning     {b['tuning_trials']} trials before the cells" if ab.tune else ""))
+        return 0
     if "space" not in tree:
         cfg = C.load(args.file, args.set or [])
         print(f"{args.file}: valid trial config ({cfg.loss.name}, weighting {cfg.weighting.name})")
@@ -110,8 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="one fine-tuning run from a trial config (no Ray)")
     t.add_argument("config", help="trial config YAML (see configs/)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a dotted key; repeatable")
-    t.add_argument("--out", help="output folder (default lcl_runs/train/<timestamp>)")
+    t.add_argument("--out", help="output folder (default lcl_runs/train/<timestamp>, or lcl_runs/final/<name>)")
+    t.add_argument("--final", action="store_true",
+                   help="final training: evaluate test once, save the model, log a run linked to the exported one")
+    t.add_argument("--seeds", type=int, nargs="+", help="with --final: train once per seed")
     t.set_defaults(func=cmd_train)
+
+    a = sub.add_parser("ablate", help="run an ablation: arms × paired seeds, with statistics (resumable)")
+    a.add_argument("ablation", help="ablation YAML (see search_spaces/ablation_*.yaml)")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override seeds=[1,2], a trial key, ...")
+    a.add_argument("--storage", default="lcl_runs")
+    a.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    a.add_argument("--tracking-uri", help="MLflow tracking server (default: SQLite in the ablation folder)")
+    a.set_defaults(func=cmd_ablate)
+
+    r = sub.add_parser("report", help="(re)write the statistics report of an ablation folder")
+    r.add_argument("dir")
+    r.set_defaults(func=cmd_report)
+
+    e = sub.add_parser("export", help="export the best trial or arm as a trial config with provenance")
+    e.add_argument("dir", help="a study or ablation folder (STORAGE/NAME)")
+    e.add_argument("--select", default="best", help="best (trial or cell) | mean | lcb (ablation arms)")
+    e.add_argument("-o", "--output", help="output YAML (default best.yaml)")
+    e.set_defaults(func=cmd_export)
 
     s = sub.add_parser("tune", help="run a study: Ray Tune + Optuna + ASHA over a YAML search space")
     s.add_argument("space", help="study YAML (see search_spaces/)")

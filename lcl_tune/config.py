@@ -322,6 +322,8 @@ def _build(tree: Mapping[str, Any]) -> TrialConfig:
     sections = _section_types()
     kwargs: dict[str, Any] = {}
     for name, value in tree.items():
+        if name == "provenance":  # written by `lcl-tune export`: where the config came from, not a setting
+            continue
         if name not in sections:
             raise ConfigError(str(name), "unknown key", suggest(str(name), list(sections) + valid_keys()))
         tp = sections[name]

@@ -112,6 +112,10 @@ class Study:
             C.set_dotted(tree, key, value)
         return C.from_dict(tree, base_dir=self.base_dir, source=self.path, check_files=False)
 
+    def run_labels(self, params: Mapping[str, Any]) -> tuple[str | None, dict[str, str]]:
+        """MLflow run name (None: named from the config) and tags of a trial."""
+        return None, {"lcl_tune.study": self.name}
+
     def budget(self) -> dict[str, Any]:
         """Upper bounds: trials, evaluation periods per trial and in all (without early stopping)."""
         return {"trials": self.num_samples, "max_periods_per_trial": self.max_t if self.time_unit == "period" else None,
@@ -151,12 +155,12 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
         raise ConfigError("SPACE", f"file not found: {path}", "pass the path of a study YAML (see search_spaces/)")
     tree = C.load_yaml(path)
     try:
-        return _parse(tree, path, overrides, check_files)
+        return parse_study(tree, path, overrides, check_files)
     except ConfigError as e:
         raise e if e.source else e.with_source(str(path))
 
 
-def _parse(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> Study:
+def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> Study:
     tree = copy.deepcopy(tree)
     for text in overrides:
         key, value = C.parse_override(text)
@@ -181,26 +185,14 @@ def _parse(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> St
     C.check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name",
           f"must be a non-empty name without '/', got {name!r}", "set name: my_study")
     base_dir = path.resolve().parent
-    base = _base_tree(tree.get("base"), base_dir, check_files)
+    base = base_tree(tree.get("base"), base_dir, check_files)
     fixed = tree.get("fixed") or {}
     C.check(isinstance(fixed, Mapping), "fixed", "expected a mapping of dotted keys", "write fixed: {train.max_steps: 30}")
     for key, value in fixed.items():
-        _trial_key(f"fixed.{key}", key)
+        trial_key(f"fixed.{key}", key)
         C.set_dotted(base, key, value)
 
-    metric = tree.get("metric") or {}
-    m_name = metric.get("name", "dev/weighted_f1")
-    if m_name.startswith("best/"):
-        m_name = m_name[5:]
-    if m_name not in REPORTED_METRICS:
-        raise ConfigError("metric.name", f"{m_name!r} is not reported by the trainable",
-                          C.hint(m_name, REPORTED_METRICS))
-    mode = metric.get("mode", "min" if m_name == "dev/loss" else "max")
-    C.one_of("metric.mode", mode, ("max", "min"))
-    expected = "min" if m_name == "dev/loss" else "max"
-    C.check(mode == expected, "metric.mode", f"{m_name} should be {expected}imised, got mode {mode}",
-          f"set metric.mode: {expected}")
-    C.set_dotted(base, "train.metric", m_name.split("/", 1)[1])  # the trainable tracks the same metric's best
+    m_name, mode = parse_metric(tree.get("metric") or {}, base)
 
     search = tree.get("search") or {}
     sched = tree.get("scheduler") or {}
@@ -232,7 +224,25 @@ def _parse(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> St
     return study
 
 
-def _base_tree(base: Any, base_dir: Path, check_files: bool) -> dict[str, Any]:
+def parse_metric(metric: Mapping[str, Any], base: dict[str, Any]) -> tuple[str, str]:
+    """``metric: {name, mode}`` -> (``dev/<m>``, mode); sets the trials' ``train.metric`` to match so
+    the trainable tracks the best-so-far value of the same metric."""
+    m_name = metric.get("name", "dev/weighted_f1")
+    if m_name.startswith("best/"):
+        m_name = m_name[5:]
+    if m_name not in REPORTED_METRICS:
+        raise ConfigError("metric.name", f"{m_name!r} is not reported by the trainable",
+                          C.hint(m_name, REPORTED_METRICS))
+    expected = "min" if m_name == "dev/loss" else "max"
+    mode = metric.get("mode", expected)
+    C.one_of("metric.mode", mode, ("max", "min"))
+    C.check(mode == expected, "metric.mode", f"{m_name} should be {expected}imised, got mode {mode}",
+            f"set metric.mode: {expected}")
+    C.set_dotted(base, "train.metric", m_name.split("/", 1)[1])
+    return m_name, mode
+
+
+def base_tree(base: Any, base_dir: Path, check_files: bool) -> dict[str, Any]:
     """The base trial config as a tree with its relative paths resolved (so `fixed` can add more)."""
     if base is None:
         raise ConfigError("base", "missing", "set base: path/to/trial.yaml (relative to the study file) or inline sections")
@@ -251,14 +261,14 @@ def _base_tree(base: Any, base_dir: Path, check_files: bool) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _trial_key(where: str, key: str) -> None:
+def trial_key(where: str, key: str) -> None:
     if key not in C.valid_keys():
         raise ConfigError(where, "not a trial-config key", C.suggest(key, C.valid_keys()))
 
 
 def _param(key: str, spec: Any) -> Param:
     where = f"space.{key}"
-    _trial_key(where, key)
+    trial_key(where, key)
     C.check(isinstance(spec, Mapping), where, "expected a mapping with a type",
           "write e.g. {type: uniform, low: 0.0, high: 1.0}")
     for k in spec:

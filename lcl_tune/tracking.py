@@ -133,6 +133,20 @@ def start_study(name: str, folder: Path, *, kind: str = "study", uri: str | None
     return TrackingTarget(uri, exp_id, run_id)
 
 
+def child_target(parent: TrackingTarget, name: str, tags: Mapping[str, str]) -> TrackingTarget:
+    """A nested run (found again by its tags) that becomes the parent of further runs: the arm
+    level of an ablation (ablation → arm → seed)."""
+    client = parent.client()
+    found = find_runs(client, parent.experiment_id, {TAG_PARENT: parent.parent_run_id, **tags})
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(parent.experiment_id, run_name=name,
+                                   tags={TAG_PARENT: parent.parent_run_id, **tags}).info.run_id
+    return TrackingTarget(parent.uri, parent.experiment_id, run_id)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -183,7 +197,7 @@ class TrialRun:
     """The child run of one Ray trial, created once and found again on retries and resumes."""
 
     def __init__(self, target: TrackingTarget, trial_id: str, flat_config: Mapping[str, Any],
-                 extra_tags: Mapping[str, str] | None = None):
+                 extra_tags: Mapping[str, str] | None = None, name: str | None = None):
         self.target, self.trial_id = target, trial_id
         self.client = target.client()
         found = find_runs(self.client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
@@ -194,24 +208,37 @@ class TrialRun:
             return
         tags = {TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_STATUS: "running",
                 **(extra_tags or {})}
-        self.run_id = self.client.create_run(target.experiment_id, run_name=run_name(flat_config), tags=tags).info.run_id
-        params = [Param(k, _param_value(v)) for k, v in flat_config.items()]
-        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.run_id = self.client.create_run(target.experiment_id, run_name=name or run_name(flat_config),
+                                             tags=tags).info.run_id
+        log_params(self.client, self.run_id, flat_config)
 
     def log_report(self, metrics: Mapping[str, float], step: int) -> None:
-        """All scalar metrics of one reported result in one call, at the trial's training step."""
-        ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch), "log_batch")
+        log_metrics(self.client, self.run_id, metrics, step)
 
     def log_details(self, details: Mapping[str, Any], config_yaml: str) -> None:
         """The latest confusion matrix (PNG + JSON), per-class F1 table and resolved config; each
         report overwrites them, so when the trial ends (however it ends) they are its final ones."""
-        with tempfile.TemporaryDirectory() as tmp:
-            write_trial_artifacts(Path(tmp), details, config_yaml)
-            _retry(lambda: self.client.log_artifacts(self.run_id, tmp), "log_artifacts")
+        log_details(self.client, self.run_id, details, config_yaml)
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """All scalar metrics of one reported result in one ``log_batch`` call, at ``step``."""
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    _retry(lambda: client.log_batch(run_id, metrics=batch), "log_batch")
+
+
+def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], config_yaml: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_trial_artifacts(Path(tmp), details, config_yaml)
+        _retry(lambda: client.log_artifacts(run_id, tmp), "log_artifacts")
+
+
+def log_params(client: MlflowClient, run_id: str, flat_config: Mapping[str, Any]) -> None:
+    params = [Param(k, _param_value(v)) for k, v in flat_config.items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[i:i + 100])
 
 
 def _param_value(v: Any) -> str:

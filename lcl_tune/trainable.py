@@ -37,7 +37,11 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
     """Function trainable. ``params``: the sampled dotted keys; ``study``: the validated study;
     ``data``/``w_data``: tokenised splits prepared once on the driver and shared through the
     object store (``tune.with_parameters``), so no trial tokenises; ``tracking``: the study's
-    :class:`~lcl_tune.tracking.TrackingTarget` (None: no MLflow)."""
+    :class:`~lcl_tune.tracking.TrackingTarget`, or for an ablation a mapping arm -> target of the
+    arm's run (None: no MLflow).
+
+    ``study`` is a :class:`~lcl_tune.study.Study` or an :class:`~lcl_tune.ablation.Ablation`:
+    anything with ``trial_config(params)``, ``run_labels(params)``, ``name`` and ``cpu``."""
     from .engine import Trainer
 
     cfg = study.trial_config(params)
@@ -46,7 +50,9 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
     if tracking is not None:  # first, so a trial that fails to start still shows its params
         from .tracking import TrialRun
 
-        run = TrialRun(tracking, context.get_trial_id(), cfg.flat(), {"lcl_tune.study": study.name})
+        name, tags = study.run_labels(params)
+        target = tracking[tags["lcl_tune.arm"]] if isinstance(tracking, dict) else tracking
+        run = TrialRun(target, context.get_trial_id(), cfg.flat(), tags, name=name)
     _maybe_fail(params, period=0, resumed=False)
     threads = max(1, int(study.cpu)) if cfg.train.device in ("auto", "cpu") else None
     if threads and not cfg.train.threads:
@@ -60,13 +66,14 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
     start = time.time()
     for report in trainer.run():
         _maybe_fail(params, period=report["period"], resumed=checkpoint is not None)
-        details = report.pop("details")
+        details = {**report.pop("details"), "trial_config": cfg.to_dict(), "data_fingerprint": trainer.data.fingerprint}
         metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
         metrics["time/trial_wall_s"] = time.time() - start
         if run is not None:  # before tune.report: a trial that ASHA stops never returns from it
             run.log_report(metrics, step=report["step"])
             run.log_details(details, config_yaml)
         metrics["trial_id"] = context.get_trial_id()
+        metrics["details_json"] = json.dumps(details)  # confusion matrix etc., for the driver's records
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))

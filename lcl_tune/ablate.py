@@ -30,8 +30,8 @@ import yaml
 from . import tracking as T
 from .ablation import Ablation, cell_name, cell_of
 from .config import ConfigError
-from .search import (DATA_KEYS, STATUS_ERRORED, _init_ray, _strip_ansi, best_row, check_resources,
-                     run_study, study_folder, trial_status, tune)
+from .search import (DATA_KEYS, STATUS_ERRORED, _init_ray, best_row, check_resources, run_study, study_folder,
+                     trial_error_text, tune)
 from .trainable import lcl_trainable
 
 CELL_DIR = "cells"
@@ -162,9 +162,7 @@ class CellRecorder(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         arm, _ = cell_of(trial.config)
-        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file and Path(trial.error_file).is_file() \
-            else str(trial.get_error())
-        self._close(trial, arm, trial.last_result or {}, STATUS_ERRORED, _strip_ansi(text))
+        self._close(trial, arm, trial.last_result or {}, STATUS_ERRORED, trial_error_text(trial))
 
     def _close(self, trial: Any, arm: str, result: dict, status: str, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)

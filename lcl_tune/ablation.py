@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 from . import config as C
 from .config import ConfigError
-from .study import SECTION_KEYS, Study, base_tree, parse_metric, trial_key
+from .study import SECTION_KEYS, Study, apply_overrides, base_tree, load_spec, parse_metric, trial_key
 
 ABLATION_KEYS = ("name", "description", "base", "fixed", "metric", "baseline", "arms", "factors", "seeds", "tune",
                  "resources", "failure")
@@ -132,24 +132,12 @@ def is_ablation(tree: Mapping[str, Any]) -> bool:
 
 def load_ablation(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
                   check_files: bool = True) -> Ablation:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("ABLATION", f"file not found: {path}", "pass the path of an ablation YAML")
-    tree = C.load_yaml(path)
-    try:
-        return _parse_ablation(tree, path, overrides, check_files)
-    except ConfigError as e:
-        raise e if e.source else e.with_source(str(path))
+    return load_spec(path, "ABLATION", "an ablation YAML (see search_spaces/ablation_*.yaml)", _parse_ablation,
+                     overrides, check_files)
 
 
 def _parse_ablation(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> Ablation:
-    tree = copy.deepcopy(tree)
-    for text in overrides:
-        key, value = C.parse_override(text)
-        if key.split(".")[0] in ("seeds", "baseline", "name", "resources", "failure", "tune"):
-            C.set_dotted(tree, key, value)
-        else:
-            tree.setdefault("fixed", {})[key] = value
+    tree = apply_overrides(tree, overrides, ("seeds", "baseline", "name", "description", "resources", "failure", "tune"))
     for key in tree:
         if key not in ABLATION_KEYS:
             raise ConfigError(str(key), "unknown ablation key", C.suggest(str(key), list(ABLATION_KEYS)))

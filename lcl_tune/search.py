@@ -244,13 +244,18 @@ class TrialOutcomes(tune.Callback):
         self._close(trial, trial_status(result, None, self.study), result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        text = Path(trial.error_file).read_text(errors="replace") if trial.error_file and Path(trial.error_file).is_file() \
-            else str(trial.get_error())
-        self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=_strip_ansi(text))
+        self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=trial_error_text(trial))
 
     def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
         T.close_trial(self.target, trial.trial_id, status, cost=cost, error=error, step=int(result.get("step", 0)))
+
+
+def trial_error_text(trial: Any) -> str:
+    """A failed trial's traceback as plain text (Ray's error file, else the exception)."""
+    file = Path(trial.error_file) if trial.error_file else None
+    text = file.read_text(errors="replace") if file is not None and file.is_file() else str(trial.get_error())
+    return _strip_ansi(text)
 
 
 def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, folder: Path) -> None:
@@ -340,10 +345,19 @@ def results_table(grid: Any, study: Study):
         row["wall_s"] = metrics.get("time_total_s", math.nan)
         row["sampled"] = ",".join(sorted(params))
         row["error"] = _error_text(result) if result.error is not None else ""
+        row["error_kind"] = error_kind(row["error"])
+        row["node_id"] = metrics.get("node_id", "")
         row["path"] = str(result.path)
         rows[trial_id] = row
     table = pd.DataFrame(list(rows.values()))
     return table.sort_values("trial_id").reset_index(drop=True) if len(table) else table
+
+
+def error_kind(text: str) -> str:
+    """``out of memory`` (a resource problem, retried) vs ``exception`` (look at the traceback)."""
+    if not text:
+        return ""
+    return "out of memory" if ("TrialOutOfMemory" in text or "OutOfMemoryError" in text) else "exception"
 
 
 def _error_text(result: Any) -> str:
@@ -422,7 +436,8 @@ def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> Non
         print(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})",
               file=sys.stderr)
     for row in table[table["status"] == STATUS_ERRORED].to_dict("records") if len(table) else []:
-        print(f"errored trial {row['trial_id']}: {row['error'].strip().splitlines()[-1][:200]}", file=sys.stderr)
+        print(f"errored trial {row['trial_id']} ({row['error_kind']}): {row['error'].strip().splitlines()[-1][:200]}",
+              file=sys.stderr)
     print(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}", file=sys.stderr)
 
 

@@ -150,25 +150,35 @@ def load_study(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
                check_files: bool = True) -> Study:
     """Parse and validate a study YAML; ``overrides`` (``key=value``) address study keys
     (``search.num_samples=4``) or trial-config keys (``train.max_steps=10``, added to ``fixed``)."""
+    return load_spec(path, "SPACE", "a study YAML (see search_spaces/)", parse_study, overrides, check_files)
+
+
+def load_spec(path: str | os.PathLike, arg: str, what: str, parse: Any, overrides, check_files: bool) -> Any:
+    """Read a study/ablation YAML and parse it; every error is attributed to the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("SPACE", f"file not found: {path}", "pass the path of a study YAML (see search_spaces/)")
-    tree = C.load_yaml(path)
+        raise ConfigError(arg, f"file not found: {path}", f"pass the path of {what}")
     try:
-        return parse_study(tree, path, overrides, check_files)
+        return parse(C.load_yaml(path), path, overrides, check_files)
     except ConfigError as e:
         raise e if e.source else e.with_source(str(path))
 
 
-def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> Study:
+def apply_overrides(tree: dict[str, Any], overrides, own: tuple[str, ...]) -> dict[str, Any]:
+    """``--set`` values: keys whose head is one of the file's ``own`` keys edit the file; any other
+    key is a trial-config key applied to every trial (added to ``fixed``)."""
     tree = copy.deepcopy(tree)
     for text in overrides:
         key, value = C.parse_override(text)
-        head = key.split(".")[0]
-        if head in SECTION_KEYS or key in ("name", "description"):
+        if key.split(".")[0] in own:
             C.set_dotted(tree, key, value)
         else:
             tree.setdefault("fixed", {})[key] = value
+    return tree
+
+
+def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) -> Study:
+    tree = apply_overrides(tree, overrides, (*SECTION_KEYS, "name", "description"))
     for key in tree:
         if key not in STUDY_KEYS:
             raise ConfigError(str(key), "unknown study key", C.suggest(str(key), list(STUDY_KEYS)))

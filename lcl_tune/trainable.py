@@ -16,9 +16,12 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import ray
+import torch
 from ray import tune
 
 from .study import Study
@@ -29,7 +32,13 @@ TRIAL_CONFIG_FILE = "trial_config.yaml"
 FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
 """Fault injection for tests: ``key=value`` makes trials with that sampled value raise before
 training; ``key=value@N`` makes them raise once, at evaluation period N of a first attempt (a retry
-that restored a checkpoint passes). Several rules are separated by ``;``."""
+that restored a checkpoint passes); a ``:oom`` suffix raises CUDA's out-of-memory error instead.
+Several rules are separated by ``;``."""
+
+
+class TrialOutOfMemory(RuntimeError):
+    """The accelerator ran out of memory: a resource problem (too many trials on one GPU, too large a
+    batch), not a bad configuration. Ray retries the trial from its last checkpoint."""
 
 
 def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data: Any = None,
@@ -42,9 +51,26 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
 
     ``study`` is a :class:`~lcl_tune.study.Study` or an :class:`~lcl_tune.ablation.Ablation`:
     anything with ``trial_config(params)``, ``run_labels(params)``, ``name`` and ``cpu``."""
+    cfg = study.trial_config(params)
+    with oom_is_a_resource_problem(study.gpu, cfg.train.batch_size):
+        _run_trial(params, study, cfg, data, w_data, tracking)
+
+
+@contextmanager
+def oom_is_a_resource_problem(gpu: float, batch_size: int) -> Iterator[None]:
+    """Report CUDA out-of-memory as what it is (a GPU share or batch too large), not as a bad config."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        raise TrialOutOfMemory(
+            f"out of GPU memory (resources.gpu={gpu} per trial, train.batch_size={batch_size}): {first}. Retried "
+            "from the last checkpoint; if it keeps failing, give each trial a larger GPU share or a smaller batch") from e
+
+
+def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: Any, tracking: Any) -> None:
     from .engine import Trainer
 
-    cfg = study.trial_config(params)
     context = tune.get_context()
     run = None
     if tracking is not None:  # first, so a trial that fails to start still shows its params
@@ -64,6 +90,7 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
         with checkpoint.as_directory() as folder:
             trainer.restore(Path(folder) / STATE_FILE)
     start = time.time()
+    node_id = ray.get_runtime_context().get_node_id()
     for report in trainer.run():
         _maybe_fail(params, period=report["period"], resumed=checkpoint is not None)
         details = {**report.pop("details"), "trial_config": cfg.to_dict(), "data_fingerprint": trainer.data.fingerprint}
@@ -73,6 +100,7 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
             run.log_report(metrics, step=report["step"])
             run.log_details(details, config_yaml)
         metrics["trial_id"] = context.get_trial_id()
+        metrics["node_id"] = node_id  # where Ray placed the trial (multi-node studies)
         metrics["details_json"] = json.dumps(details)  # confusion matrix etc., for the driver's records
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
@@ -83,9 +111,11 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
 
 def _maybe_fail(params: dict[str, Any], period: int, resumed: bool) -> None:
     for rule in filter(None, os.environ.get(FAIL_ENV, "").split(";")):
+        rule, _, kind = rule.partition(":")
         condition, _, at = rule.partition("@")
         key, _, value = condition.partition("=")
         if key not in params or str(params[key]) != value:
             continue
         if (not at and period == 0) or (at and int(at) == period and not resumed):
-            raise RuntimeError(f"injected failure for {condition}{' at period ' + at if at else ''} ({FAIL_ENV})")
+            message = f"injected failure for {condition}{' at period ' + at if at else ''} ({FAIL_ENV})"
+            raise torch.cuda.OutOfMemoryError(message) if kind == "oom" else RuntimeError(message)

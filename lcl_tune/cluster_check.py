@@ -38,9 +38,11 @@ Light module: PyYAML only at import; Ray is imported inside :func:`ray_problems`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import json
+import logging
 import os
 import posixpath
 import re
@@ -194,7 +196,8 @@ def ray_problems(config: dict[str, Any], source: str = "cluster.yaml") -> list[s
         return [_problem(source, "provider.type", f"unknown provider type {provider['type']!r}",
                          f"use one of {', '.join(known)}{_did_you_mean(str(provider['type']), known)}")]
     try:
-        prepared = prepare_config(copy.deepcopy(config))
+        with _quiet("ray.autoscaler"):  # its INFO lines ("setting max workers for ...") are not problems
+            prepared = prepare_config(copy.deepcopy(config))
     except Exception as e:  # it assumes the basic shape; the schema says what is wrong with it
         return _schema_problems(config, source) or [
             _problem(source, "(config)", f"Ray's prepare_config failed: {type(e).__name__}: {e}",
@@ -207,6 +210,17 @@ def ray_problems(config: dict[str, Any], source: str = "cluster.yaml") -> list[s
     except (ValueError, RuntimeError) as e:
         return [_ray_semantic_problem(str(e), config, source)]
     return []
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _ray_schema() -> dict[str, Any]:
@@ -230,10 +244,11 @@ def _schema_problems(config: dict[str, Any], source: str) -> list[str]:
             allowed = sorted(err.schema.get("properties", {}))
             for key in sorted(set(err.instance) - set(allowed)):
                 level = _dotted(where) if where else "the top level"
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 problems.append(_problem(
-                    source, _dotted(where + [key]),
-                    f"unknown key (Ray's schema allows no other keys at {level})",
-                    f"{_did_you_mean(key, allowed, plain=True) or 'remove it'}; allowed: {', '.join(allowed)}"))
+                    source, _dotted(where + [key]), f"unknown key (Ray's schema allows no other keys at {level})",
+                    (f"did you mean {close[0]!r}? rename it" if close else "remove it")
+                    + f" (allowed here: {', '.join(allowed)})"))
         elif err.validator == "required":
             missing = re.findall(r"'([^']+)' is a required property", err.message)
             key = _dotted(where + missing[:1]) if missing else _dotted(where)
@@ -269,6 +284,7 @@ def _describe(schema: dict[str, Any], path: list[Any]) -> str:
 
 
 def _ray_semantic_problem(message: str, config: dict[str, Any], source: str) -> str:
+    message = message.strip().rstrip(".")
     types = config.get("available_node_types")
     names = sorted(types) if isinstance(types, dict) else []
     if "head_node_type" in message and "must be one of" in message:
@@ -498,12 +514,9 @@ def parse_installs(command: str, where: str) -> list[Install]:
         for i, tok in enumerate(seg):
             if tok != "install" or i == 0:
                 continue
-            prev = seg[i - 1]
-            if posixpath.basename(prev) in ("pip", "pip3") or re.fullmatch(r"pip3?(\.\d+)?", posixpath.basename(prev)):
+            if re.fullmatch(r"pip3?(\.\d+)?", posixpath.basename(seg[i - 1])):  # pip, pip3, .../bin/pip, uv pip
                 installs += _requirements(seg[i + 1:], where)
                 break
-        else:
-            continue
     return installs
 
 
@@ -579,8 +592,9 @@ def _install_problems(config: dict[str, Any], source: str, pins: Pins) -> list[s
                     f"(per node: {by_node}); every node must run the same pinned version",
                     f"install {pkg}=={want}" + (" (rebuild the wheel with the same version)" if inst.path else "")))
 
-    # Every node installs both.
-    for node, cmds in _node_commands(config).items():
+    # Every node installs both (when a command list is missing, that is the problem reported).
+    complete = all(key in config for key in COMMAND_LISTS)
+    for node, cmds in _node_commands(config).items() if complete else ():
         mine = {i.package for key, cmd in cmds for i in parse_installs(cmd, key)}
         for pkg in (PROJECT, "ray"):
             if pkg not in mine:
@@ -682,15 +696,14 @@ def _mlflow_server_problems(config: dict[str, Any], source: str, tracking: list[
                 "add mlflow server --backend-store-uri sqlite:////home/ubuntu/mlflow/mlflow.db "
                 "--artifacts-destination s3://BUCKET/mlflow-artifacts --host 0.0.0.0 --port 5000"))
         return problems
-    ports = {urlsplit(v).port if urlsplit(v).scheme in ("http", "https") else None for _, v in tracking
-             if _port_or_none(v) is not None}
+    ports = {port for _, v in tracking if (port := _port_or_none(v)) is not None}
     for key, cmd in servers:
-        host = re.search(r"(?:--host|-h)[=\s]+(\S+)", cmd)
+        host = re.search(r"(?<!\S)(?:--host|-h)[=\s]+(\S+)", cmd)
         if host is None or host.group(1) not in ("0.0.0.0", "::", "$HEAD_IP", "${HEAD_IP}"):
             bound = host.group(1) if host else "127.0.0.1 (its default)"
             problems.append(_problem(source, key, f"mlflow server binds {bound}: the workers cannot reach it",
                                      "add --host 0.0.0.0 (the security group admits only the cluster's nodes)"))
-        port_m = re.search(r"(?:--port|-p)[=\s]+(\d+)", cmd)
+        port_m = re.search(r"(?<!\S)(?:--port|-p)[=\s]+(\d+)", cmd)
         port = int(port_m.group(1)) if port_m else MLFLOW_DEFAULT_PORT
         if ports and port not in ports:
             problems.append(_problem(
@@ -700,9 +713,12 @@ def _mlflow_server_problems(config: dict[str, Any], source: str, tracking: list[
 
 
 def _port_or_none(uri: str) -> int | None:
+    """The port of an http(s) URI (80 / 443 when it names none); None for anything else."""
     try:
         parts = urlsplit(uri)
-        return parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        if parts.scheme not in ("http", "https"):
+            return None
+        return parts.port or {"http": 80, "https": 443}[parts.scheme]
     except ValueError:
         return None
 
@@ -710,14 +726,19 @@ def _port_or_none(uri: str) -> int | None:
 # ---- node types ----------------------------------------------------------------------------
 
 
-def _looks_gpu(name: str, node_type: dict[str, Any]) -> bool:
+def _has_gpu(node_type: dict[str, Any]) -> bool:
+    """A GPU machine (AWS GPU family, GCP accelerators or GPU machine type) or GPU resources."""
     node_config = node_type.get("node_config") if isinstance(node_type.get("node_config"), dict) else {}
-    instance = str(node_config.get("InstanceType", ""))
-    machine = str(node_config.get("machineType", ""))
     resources = node_type.get("resources") if isinstance(node_type.get("resources"), dict) else {}
-    return bool(AWS_GPU_FAMILY.match(instance) or node_config.get("guestAccelerators")
-                or GCP_GPU_MACHINE.match(machine) or "gpu" in name.lower()
+    return bool(AWS_GPU_FAMILY.match(str(node_config.get("InstanceType", "")))
+                or node_config.get("guestAccelerators")
+                or GCP_GPU_MACHINE.match(str(node_config.get("machineType", "")))
                 or _number(resources.get("GPU")) > 0)
+
+
+def _looks_gpu(name: str, node_type: dict[str, Any]) -> bool:
+    """A GPU worker type: a GPU machine, GPU resources, or "gpu" in its name."""
+    return _has_gpu(node_type) or "gpu" in name.lower()
 
 
 def _number(value: Any) -> float:
@@ -746,7 +767,7 @@ def _node_type_problems(config: dict[str, Any], source: str) -> list[str]:
                 source, f"{key}.min_workers", f"min_workers {lo} > max_workers {hi} (Ray does not reject it: "
                 f"the autoscaler silently keeps at most {hi})", f"set min_workers <= max_workers (e.g. min_workers: {hi})"))
         if name == head:
-            if _looks_gpu(name, t) and "gpu" not in name.lower() or _number(resources.get("GPU")) > 0:
+            if _has_gpu(t):
                 problems.append(_problem(
                     source, key, f"the head type {name!r} is a GPU machine ({instance or 'GPU resources'}); the head "
                     "runs the driver, Ray's services and MLflow, and trials go to the GPU workers",
@@ -756,7 +777,9 @@ def _node_type_problems(config: dict[str, Any], source: str) -> list[str]:
             continue
         gpu_types.append(name)
         gpus = resources.get("GPU")
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        if gpus is not None and (not isinstance(gpus, int) or isinstance(gpus, bool)):
+            continue  # not an integer: Ray's schema reports it
+        if gpus is None or gpus < 1:
             problems.append(_problem(
                 source, f"{key}.resources.GPU", f"GPU worker type {name!r}{f' ({instance})' if instance else ''} does "
                 f"not declare its GPUs (resources: {resources}): the autoscaler would never launch it for a "

@@ -126,6 +126,7 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     adam_eps: float = 1e-8
+    fused: bool = False  # fused AdamW kernel (one launch for all parameters; fastest on GPU)
 
 
 @dataclass
@@ -141,6 +142,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_test: bool = False  # evaluate the test split at the end (only when asked: never during tuning)
     threads: int | None = None  # torch CPU threads; default torch's own choice
+    length_buckets: bool = False  # batch rows of similar length together (less padding); same order per seed
+    pad_to: int | None = None  # pad every batch to this many tokens (default: to its longest row)
+    compile: bool = False  # torch.compile the encoders (pays off on GPU for long trials)
 
 
 @dataclass
@@ -404,6 +408,8 @@ def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
     check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0",
            "leave it unset (once per epoch) or use e.g. 100")
     check(t.log_every > 0, "train.log_every", "must be > 0", "use e.g. 20")
+    check(t.pad_to is None or t.pad_to >= 8, "train.pad_to", f"must be >= 8, got {t.pad_to}",
+          "leave it unset (dynamic padding) or use model.max_length")
     one_of("train.metric", t.metric, METRIC_NAMES)
     one_of("train.precision", t.precision, ("fp32", "bf16"))
     check(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device",

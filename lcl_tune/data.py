@@ -611,8 +611,10 @@ class TokenizedSplit:
     def row(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]]
 
-    def collate(self, indices: Sequence[int] | np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-        """A batch padded to its own longest row (dynamic padding wastes no compute on global padding).
+    def collate(self, indices: Sequence[int] | np.ndarray, pad_id: int,
+                pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """A batch padded to its own longest row (dynamic padding wastes no compute on global
+        padding), or to ``pad_to`` tokens (fixed shapes, e.g. for CUDA graphs or a baseline).
 
         Returns ``input_ids`` and ``attention_mask`` [B, L], ``labels`` [B] and ``idx`` [B] (the rows'
         indices within this split, which per-example state such as an EMA weighting keys on).
@@ -622,7 +624,7 @@ class TokenizedSplit:
             raise ValueError("collate needs at least one row")
         starts = self.offsets[idx]
         lens = self.offsets[idx + 1] - starts
-        width = max(int(lens.max()), 1)
+        width = max(int(lens.max()), 1) if pad_to is None else max(pad_to, int(lens.max()))
         rows = np.repeat(np.arange(len(idx)), lens)
         cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
         input_ids = np.full((len(idx), width), pad_id, dtype=np.int64)
@@ -680,6 +682,23 @@ def batch_indices(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: i
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last else n
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def bucketed_batch_indices(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                           bucket_batches: int = 50) -> list[np.ndarray]:
+    """Length-bucketed batches: shuffle, sort each chunk of ``bucket_batches`` batches by length,
+    cut it into batches, shuffle the batch order. Rows of similar length share a batch (less
+    padding, faster steps) while the epoch stays random; the order depends only on ``(seed, epoch)``,
+    like :func:`batch_indices`, so pairing and exact resume still hold."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 # --------------------------------------------------------------------------------------------

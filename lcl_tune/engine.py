@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrialConfig
-from .data import PreparedData, batch_indices, majority_accuracy, prepare_data
+from .data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
 from .losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 from .metrics import classification_metrics
 from .model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
@@ -129,7 +129,11 @@ class Trainer:
         if self.weighting is not None and any(True for _ in self.weighting.parameters()):
             groups += _param_groups(self.weighting, o.weighting_lr or o.lr, o.weighting_lr or o.head_lr or o.lr,
                                     o.weight_decay, "weighting")
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, eps=o.adam_eps)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, eps=o.adam_eps, fused=True if o.fused else None)
+        if t.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
+            self.model.compile()
+            if self.weighting is not None and hasattr(self.weighting, "classifier"):
+                self.weighting.classifier.compile()
 
         self.steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
@@ -148,32 +152,49 @@ class Trainer:
 
     def run(self) -> Iterator[Report]:
         """Train to ``total_steps``; yield a report after every evaluation period."""
-        cfg, t = self.cfg, self.cfg.train
-        sums: dict[str, float] = {}
+        t = self.cfg.train
+        sums: dict[str, torch.Tensor] = {}  # loss parts summed on the device: no host sync per step
+        n = 0
         window_start, window_samples = time.perf_counter(), 0
         while self.step < self.total_steps:
-            epoch = self.step // self.steps_per_epoch
-            batches = batch_indices(len(self.data.train), t.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
-            for rows in batches[self.step % self.steps_per_epoch:]:  # resumed runs skip what they did
-                t0 = time.perf_counter()
-                parts = self.train_step(rows)
+            for rows in self.epoch_batches(self.step // self.steps_per_epoch)[self.step % self.steps_per_epoch:]:
+                t0 = time.perf_counter()  # (resumed runs skip the batches they already did)
+                parts = self._step(rows)
                 self.train_seconds += time.perf_counter() - t0
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                sums["_n"] = sums.get("_n", 0.0) + 1
+                    sums[k] = sums[k] + v if k in sums else v
+                n += 1
                 window_samples += len(rows)
-                if self.progress and (self.step % t.log_every == 0 or self.step == self.total_steps):
+                log_now = self.progress and (self.step % t.log_every == 0 or self.step == self.total_steps)
+                eval_now = self.step % self.eval_every == 0 or self.step == self.total_steps
+                if log_now or eval_now:
+                    t1 = time.perf_counter()
+                    means = {k: float(v) / n for k, v in sums.items()}  # the one host sync of a window
+                    self.train_seconds += time.perf_counter() - t1  # waiting for the device is training time
+                if log_now:
                     rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-                    self.log(self._progress_line(sums, rate))
+                    self.log(self._progress_line(means, rate))
                     window_start, window_samples = time.perf_counter(), 0
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                    yield self._report(sums)
-                    sums = {}
+                if eval_now:
+                    yield self._report(means)
+                    sums, n = {}, 0
                 if self.step >= self.total_steps:
                     break
 
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This epoch's batches; a function of (seed, epoch) only, so arms with the same seed see
+        the same batches and a resumed run continues the same order."""
+        t = self.cfg.train
+        if t.length_buckets:
+            return bucketed_batch_indices(self.data.train.lengths, t.batch_size, seed=self.cfg.seed, epoch=epoch)
+        return batch_indices(len(self.data.train), t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch)
+
     def train_step(self, rows: np.ndarray) -> dict[str, float]:
         """One optimiser step on the training rows ``rows``; returns the loss parts as floats."""
+        return {k: float(v) for k, v in self._step(rows).items()}
+
+    def _step(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """One optimiser step; the loss parts stay on the device (detached)."""
         self.model.train()
         if self.weighting is not None:
             self.weighting.train()
@@ -189,7 +210,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.samples += len(rows)
-        return {k: float(v) for k, v in parts.items()}
+        return parts
 
     def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``λ·CE + (1−λ)·contrastive`` (+ the weighting network's own ``λ·CE``)."""
@@ -243,21 +264,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ reports
 
-    def _report(self, sums: dict[str, float]) -> Report:
+    def _report(self, means: dict[str, float]) -> Report:
         t = self.cfg.train
         dev = self.evaluate("dev")
         value = dev[t.metric]
         better = self.best is None or (value < self.best if t.metric == "loss" else value > self.best)
         if better:
             self.best, self.best_step = value, self.step
-        n = max(sums.get("_n", 0.0), 1.0)
         report: Report = {
             "step": self.step,
             "period": len(self.history) + 1,
             "epoch": round(self.step / self.steps_per_epoch, 4),
             "samples": self.samples,
             "lr": self.scheduler.get_last_lr()[0],
-            **{f"train/{k}": v / n for k, v in sums.items() if k != "_n"},
+            **{f"train/{k}": v for k, v in means.items()},
             **{f"dev/{k}": dev[k] for k in ("loss", "accuracy", "macro_f1", "weighted_f1")},
             f"best/dev/{t.metric}": self.best,
             "best/step": self.best_step,
@@ -273,12 +293,11 @@ class Trainer:
                      f"weighted-F1 {dev['weighted_f1']:.4f} (best {t.metric} {self.best:.4f} @ {self.best_step})")
         return report
 
-    def _progress_line(self, sums: dict[str, float], rate: float) -> str:
-        n = max(sums.get("_n", 1.0), 1.0)
-        parts = " ".join(f"{k} {v / n:.4f}" for k, v in sums.items() if k not in ("_n", "loss"))
+    def _progress_line(self, means: dict[str, float], rate: float) -> str:
+        parts = " ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
         left = (self.total_steps - self.step) * self.cfg.train.batch_size / max(rate, 1e-9)
         return (f"step {self.step}/{self.total_steps} | epoch {self.step / self.steps_per_epoch:.2f} | "
-                f"loss {sums.get('loss', 0) / n:.4f} ({parts}) | lr {self.scheduler.get_last_lr()[0]:.2e} | "
+                f"loss {means.get('loss', 0.0):.4f} ({parts}) | lr {self.scheduler.get_last_lr()[0]:.2e} | "
                 f"{rate:.1f} samples/s | eta {_fmt_seconds(left)}")
 
     def fit(self, on_report: Callable[[Report], None] | None = None) -> dict[str, Any]:
@@ -340,9 +359,10 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _batch(self, split, rows: np.ndarray, w_split) -> dict[str, torch.Tensor]:
-        batch = split.collate(rows, self.data.pad_id)
+        pad_to = self.cfg.train.pad_to
+        batch = split.collate(rows, self.data.pad_id, pad_to)
         if w_split is not None:
-            wb = w_split.collate(rows, self.w_data.pad_id)
+            wb = w_split.collate(rows, self.w_data.pad_id, pad_to)
             batch["w_input_ids"], batch["w_attention_mask"] = wb["input_ids"], wb["attention_mask"]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 

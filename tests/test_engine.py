@@ -152,8 +152,8 @@ def test_same_seed_gives_same_batches_in_every_arm(tiny_cfg):
     def batches(**flat) -> list[list[int]]:
         trainer = Trainer(tiny_cfg(train__max_steps=14, train__eval_every=100, **flat), progress=False)
         seen: list[list[int]] = []
-        step = trainer.train_step
-        trainer.train_step = lambda rows: (seen.append(rows.tolist()), step(rows))[1]
+        step = trainer._step
+        trainer._step = lambda rows: (seen.append(rows.tolist()), step(rows))[1]
         trainer.fit()
         return seen
 
@@ -162,6 +162,26 @@ def test_same_seed_gives_same_batches_in_every_arm(tiny_cfg):
     assert ce == lcl and len(ce) == 14  # 96 rows / 16 = 6 steps an epoch: crosses two epoch boundaries
     assert ce[:6] != ce[6:12]  # reshuffled each epoch
     assert batches(loss__name="ce", seed=5) != ce
+
+
+def test_length_buckets_cut_padding_keep_every_row_and_pair_by_seed(tiny_cfg):
+    trainer = Trainer(tiny_cfg(train__length_buckets=True, data__max_train_samples=96), progress=False)
+    buckets = trainer.epoch_batches(0)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(96))  # every row once
+    assert [b.tolist() for b in buckets] == [b.tolist() for b in trainer.epoch_batches(0)]
+    assert [b.tolist() for b in buckets] != [b.tolist() for b in trainer.epoch_batches(1)]
+    lengths = trainer.data.train.lengths
+    plain = Trainer(tiny_cfg(data__max_train_samples=96), progress=False).epoch_batches(0)
+    padded = lambda bs: sum(len(b) * lengths[b].max() for b in bs)  # noqa: E731 - tokens incl. padding
+    assert padded(buckets) < padded(plain)
+    assert math.isfinite(trainer.train_step(buckets[0])["loss"])
+
+
+def test_fixed_padding_and_fused_optimizer_train(tiny_cfg):
+    trainer = Trainer(tiny_cfg(train__pad_to=32, optim__fused=True), progress=False)
+    batch = trainer._batch(trainer.data.train, np.arange(4), None)
+    assert batch["input_ids"].shape == (4, 32)
+    assert math.isfinite(trainer.train_step(np.arange(16))["loss"])
 
 
 def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_cfg):

@@ -8,7 +8,7 @@ Everything of an ablation lives in ``<storage>/<name>/``::
     tune/<name>.<arm>/   the optional per-arm tuning studies (see lcl_tune.search)
     tuned.json       each arm's best parameters from its tuning phase
     cells/           one JSON per finished (arm, seed) cell: metrics, details, config, run ids
-    ray/runN/        the Ray experiment of each invocation (only the cells it had to run)
+    ray/run-<time>/  the Ray experiment of each invocation that had cells to run
     report/          report.md / report.tex / *.csv / arms.png (also `lcl-tune report DIR`)
 
 A rerun of the same command skips finished cells (and finished tuning phases).
@@ -30,8 +30,8 @@ import yaml
 from . import tracking as T
 from .ablation import Ablation, cell_name, cell_of
 from .config import ConfigError
-from .search import (DATA_KEYS, STATUS_ERRORED, _init_ray, best_row, check_resources, run_study, study_folder,
-                     trial_error_text, tune)
+from .search import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
+                     check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
 from .trainable import lcl_trainable
 
 CELL_DIR = "cells"
@@ -40,8 +40,9 @@ CELL_DIR = "cells"
 def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, address: str | None = None,
                  tracking_uri: str | None = None, command: str | None = None) -> Path:
     """Run every unfinished cell of ``ab`` (after each arm's tuning phase, if any), then write the
-    report. Returns the ablation folder."""
-    folder = study_folder(storage, ab.name)
+    report. Returns the ablation folder (on the driver; see :class:`~lcl_tune.search.StudyPlace`)."""
+    place = study_place(storage, ab.name)
+    folder = place.folder
     _check_same_ablation(ab, folder)
     (folder / CELL_DIR).mkdir(parents=True, exist_ok=True)
     (folder / "ablation.yaml").write_text(yaml.safe_dump(ab.to_dict(), sort_keys=False))
@@ -52,15 +53,16 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
     arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
     if ab.tune:
-        tune_arms(ab, folder, address, tracking_uri)
+        tune_arms(ab, place, address, tracking_uri)
 
     pending = [c["cell"] for c in ab.cells() if not (folder / CELL_DIR / f"{c['cell']}.json").exists()]
     done = len(ab.cells()) - len(pending)
     print(f"ablation {ab.name!r}: {len(ab.arms)} arms × {len(ab.seeds)} seeds = {len(ab.cells())} cells "
           f"({done} finished, {len(pending)} to run)", file=sys.stderr)
     if pending:
-        run_cells(ab, folder, pending, arm_targets, address)
+        run_cells(ab, place, pending, arm_targets, address)
     write_ablation_report(ab, folder, top, arm_targets)
+    sync_up(place)
     return folder
 
 
@@ -81,20 +83,21 @@ def _check_same_ablation(ab: Ablation, folder: Path) -> None:
                               "rename the arm, or start a new name")
 
 
-def tune_arms(ab: Ablation, folder: Path, address: str | None, tracking_uri: str | None) -> None:
+def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, tracking_uri: str | None) -> None:
     """Per-arm tuning phase: an Optuna/ASHA study inside each arm; its best params are kept in
     ``tuned.json`` and used by the confirm phase (every seed, no early stopping)."""
-    path = folder / "tuned.json"
+    path = place.folder / "tuned.json"
     tuned = json.loads(path.read_text()) if path.exists() else {}
+    storage = f"{place.remote}/tune" if place.remote else place.folder / "tune"
     for arm in ab.arms:
         if arm not in tuned:
             study = ab.arm_study(arm)
-            storage = folder / "tune"
-            resume = tune.Tuner.can_restore(str(study_folder(storage, study.name) / "ray"))
-            table = run_study(study, storage, resume=resume, address=address, tracking_uri=tracking_uri)
+            sub = study_place(storage, study.name, place.folder / "tune")
+            table = run_study(study, storage, resume=tune.Tuner.can_restore(sub.ray_dir), address=address,
+                              tracking_uri=tracking_uri, local_dir=place.folder / "tune")
             best = best_row(table, study)
             if best is None:
-                raise RuntimeError(f"tuning arm {arm!r}: no trial finished; see {study_folder(storage, study.name)}")
+                raise RuntimeError(f"tuning arm {arm!r}: no trial finished; see {sub.folder}")
             tuned[arm] = {p.key: _plain(best[p.key]) for p in study.params if p.active(best)}
             path.write_text(json.dumps(tuned, indent=2))
         ab.tuned[arm] = tuned[arm]
@@ -104,7 +107,7 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def run_cells(ab: Ablation, folder: Path, cells: list[str], arm_targets: dict[str, T.TrackingTarget],
+def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: dict[str, T.TrackingTarget],
               address: str | None) -> None:
     """One Ray experiment over ``cells`` (FIFO: ablations never stop a cell early)."""
     import ray
@@ -113,6 +116,7 @@ def run_cells(ab: Ablation, folder: Path, cells: list[str], arm_targets: dict[st
 
     _init_ray(address)
     check_resources(ab, ray.cluster_resources())
+    check_tracking_reach(next(iter(arm_targets.values())).uri)
     configs = [ab.trial_config({"cell": c}) for c in cells]
     data = w_data = None
     if len({_data_identity(c) for c in configs}) == 1:  # every arm tokenises the same: do it once
@@ -121,13 +125,13 @@ def run_cells(ab: Ablation, folder: Path, cells: list[str], arm_targets: dict[st
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=ab, data=data, w_data=w_data, tracking=arm_targets),
         {"cpu": ab.cpu, "gpu": ab.gpu})
-    runs = sorted((folder / "ray").glob("run*")) if (folder / "ray").exists() else []
+    folder = place.folder
     tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(cells)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=None),
         run_config=tune.RunConfig(
-            name=f"run{len(runs) + 1}", storage_path=str(folder / "ray"), verbose=1,
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{place.ray_storage}/ray", verbose=1,
             callbacks=[CellRecorder(folder, arm_targets, ab.cpu, ab.gpu)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=ab.max_retries)))

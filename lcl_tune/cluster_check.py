@@ -32,7 +32,8 @@ and exits 1. No cloud is contacted and no credentials are needed. Two stages:
    schema lets any key through there). ``--local-files`` also checks that file_mounts' local
    sources exist (as ``ray up`` will need, from the current directory).
 
-Light module: PyYAML only at import; Ray is imported inside :func:`ray_problems`.
+Light module: PyYAML only at import; Ray (and jsonschema) are imported inside the functions that
+use them.
 """
 
 from __future__ import annotations
@@ -668,8 +669,9 @@ def _setting_problems(config: dict[str, Any], source: str) -> list[str]:
                 "use the head's MLflow server, http://$HEAD_IP:5000"))
         elif (parts.hostname or "").lower() in LOOPBACK:
             problems.append(_problem(
-                source, key, f"{TRACKING_VAR}={value!r} names the loopback address: on a worker it is the worker itself",
-                "use the head's private address, e.g. HEAD_IP=$(hostname -I | awk '{print $1}') and http://$HEAD_IP:5000"))
+                source, key, f"{TRACKING_VAR}={value!r} names the loopback address: on a worker it is the worker "
+                "itself", "use the head's private address, e.g. HEAD_IP=$(hostname -I | awk '{print $1}') and "
+                "http://$HEAD_IP:5000"))
     problems += _mlflow_server_problems(config, source, found[TRACKING_VAR])
     return problems
 
@@ -765,7 +767,8 @@ def _node_type_problems(config: dict[str, Any], source: str) -> list[str]:
         if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
             problems.append(_problem(
                 source, f"{key}.min_workers", f"min_workers {lo} > max_workers {hi} (Ray does not reject it: "
-                f"the autoscaler silently keeps at most {hi})", f"set min_workers <= max_workers (e.g. min_workers: {hi})"))
+                f"the autoscaler silently keeps at most {hi})",
+                f"set min_workers <= max_workers (e.g. min_workers: {hi})"))
         if name == head:
             if _has_gpu(t):
                 problems.append(_problem(
@@ -784,7 +787,7 @@ def _node_type_problems(config: dict[str, Any], source: str) -> list[str]:
                 source, f"{key}.resources.GPU", f"GPU worker type {name!r}{f' ({instance})' if instance else ''} does "
                 f"not declare its GPUs (resources: {resources}): the autoscaler would never launch it for a "
                 "trial asking for GPUs, and on AWS Ray would have to ask the EC2 API at `ray up`",
-                f"declare them, e.g. resources: {{\"CPU\": 8, \"GPU\": 1}}"
+                "declare them, e.g. resources: {\"CPU\": 8, \"GPU\": 1}"
                 + (f" ({instance} has {AWS_GPU_INSTANCES[instance][1]} GPU)" if instance in AWS_GPU_INSTANCES else "")))
         elif instance in AWS_GPU_INSTANCES and gpus != AWS_GPU_INSTANCES[instance][1]:
             problems.append(_problem(source, f"{key}.resources.GPU", f"declares {gpus} GPU but {instance} has "
@@ -823,8 +826,9 @@ def _start_command_problems(config: dict[str, Any], source: str) -> list[str]:
                                      "add ulimit -n 65536; ray start --head --port=6379 --autoscaling-config="
                                      "~/ray_bootstrap_config.yaml --dashboard-host=0.0.0.0"))
         elif not any("autoscaling-config" in c for c in starts):
-            problems.append(_problem(source, "head_start_ray_commands", "`ray start --head` lacks --autoscaling-config: "
-                                     "the head would never launch a worker", "add --autoscaling-config=~/ray_bootstrap_config.yaml"))
+            problems.append(_problem(source, "head_start_ray_commands", "`ray start --head` lacks "
+                                     "--autoscaling-config: the head would never launch a worker",
+                                     "add --autoscaling-config=~/ray_bootstrap_config.yaml"))
     if "worker_start_ray_commands" in config:
         starts = [c for c in _commands(config, "worker_start_ray_commands") if "ray start" in c]
         if not any(re.search(r"--address[=\s]+\S*\$\{?RAY_HEAD_IP", c) for c in starts):
@@ -871,7 +875,8 @@ def _file_mount_problems(config: dict[str, Any], source: str, local_files: bool)
             if inst.path is None or "://" in inst.path:
                 continue
             target = _remote(inst.path, user)
-            if target.startswith("/") and not any(target == m or target.startswith(m.rstrip("/") + "/") for m in mounted):
+            covered = any(target == m or target.startswith(m.rstrip("/") + "/") for m in mounted)
+            if target.startswith("/") and not covered:
                 problems.append(_problem(source, key, f"installs {inst.path}, but no file_mounts entry puts it there",
                                          f"mount it: \"{inst.path}\": ./dist/{posixpath.basename(inst.path)}"))
     if local_files:

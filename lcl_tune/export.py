@@ -59,7 +59,7 @@ def _export_study(folder: Path, select: str) -> dict[str, Any]:
     study = load_study(folder / "study.yaml", check_files=False)
     row = best_row(pd.read_parquet(results), study)
     C.check(row is not None, "DIR", "no trial of this study finished", "look at the errors in results.parquet")
-    details = _latest_details(Path(row["path"]))
+    details = _latest_details(row["path"])
     selection = {"rule": "best", "metric": study.tune_metric, "value": float(row[study.tune_metric]),
                  "final": {k: float(row[k]) for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1") if k in row},
                  "trial_id": row["trial_id"], "status": row["status"]}
@@ -67,11 +67,17 @@ def _export_study(folder: Path, select: str) -> dict[str, Any]:
                      details.get("data_fingerprint"))
 
 
-def _latest_details(trial_dir: Path) -> dict[str, Any]:
-    """``details.json`` of the trial's newest checkpoint: the exact config it trained with."""
-    found = sorted(trial_dir.glob("checkpoint_*/details.json"))
-    C.check(bool(found), "DIR", f"no checkpoint with details in {trial_dir}", "the trial must have reported once")
-    return json.loads(found[-1].read_text())
+def _latest_details(trial_dir: str) -> dict[str, Any]:
+    """``details.json`` of the trial's newest checkpoint (a local folder or a storage URI): the
+    exact config the trial trained with."""
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(trial_dir) if "://" in trial_dir else (fs.LocalFileSystem(), trial_dir)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    checkpoints = sorted(i.path for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+    C.check(bool(checkpoints), "DIR", f"no checkpoint with details in {trial_dir}", "the trial must have reported once")
+    with filesystem.open_input_stream(f"{checkpoints[-1]}/details.json") as fh:
+        return json.loads(fh.read().decode())
 
 
 def _export_ablation(folder: Path, select: str) -> dict[str, Any]:

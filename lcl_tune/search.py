@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,58 @@ DATA_KEYS = ("model.name", "model.tokenizer", "model.max_length", "weighting.mod
 
 def study_folder(storage: str | os.PathLike, name: str) -> Path:
     return (Path(storage).expanduser() / name).resolve()
+
+
+def is_uri(storage: str | os.PathLike) -> bool:
+    return "://" in str(storage)
+
+
+@dataclass(frozen=True)
+class StudyPlace:
+    """Where a study lives. ``folder``: on the driver (study.yaml, results.parquet, the Optuna
+    journal, the SQLite MLflow store, plots). ``remote``: with ``--storage s3://...`` (or any
+    URI Ray and pyarrow understand) Ray keeps trials and checkpoints there, readable from every
+    node, and the driver's files are copied there when the study ends; None for a local or shared
+    path, where everything is in ``folder``."""
+
+    folder: Path
+    remote: str | None = None
+
+    @property
+    def ray_storage(self) -> str:
+        return self.remote or str(self.folder)
+
+    @property
+    def ray_dir(self) -> str:
+        return f"{self.ray_storage}/ray"
+
+
+def study_place(storage: str | os.PathLike, name: str, local_dir: str | os.PathLike | None = None) -> StudyPlace:
+    if is_uri(storage):
+        return StudyPlace(study_folder(local_dir or "lcl_runs", name), f"{str(storage).rstrip('/')}/{name}")
+    return StudyPlace(study_folder(storage, name))
+
+
+def exists(path: str) -> bool:
+    """A local path or a storage URI (s3://, gs://, file://...) exists."""
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path) if is_uri(path) else (fs.LocalFileSystem(), path)
+    return filesystem.get_file_info(inner).type != fs.FileType.NotFound
+
+
+def sync_up(place: StudyPlace, names: tuple[str, ...] = ("study.yaml", "ablation.yaml", "command.txt",
+                                                          "results.parquet", "optuna.journal", "plots",
+                                                          "cells", "report", "tuned.json")) -> None:
+    """Copy the driver's files of a study to its remote storage (no-op for local storage)."""
+    if place.remote is None:
+        return
+    from pyarrow import fs
+
+    for name in names:
+        src = place.folder / name
+        if src.exists():
+            fs.copy_files(str(src), f"{place.remote}/{name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,10 +162,10 @@ def make_scheduler(study: Study):
 
 def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, command: str | None = None,
-              verbose: int = 1) -> "Any":
+              verbose: int = 1, local_dir: str | os.PathLike | None = None) -> "Any":
     """Run (or resume) ``study``; returns the results table (a pandas DataFrame)."""
-    folder = study_folder(storage, study.name)
-    ray_dir = folder / "ray"
+    place = study_place(storage, study.name, local_dir)
+    folder, ray_dir = place.folder, place.ray_dir
     _check_folder(study, folder, ray_dir, resume)
     folder.mkdir(parents=True, exist_ok=True)
     _write_study(study, folder, command)
@@ -123,6 +176,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
 
     _init_ray(address)
     check_resources(study, ray.cluster_resources())
+    check_tracking_reach(target.uri)
     data, w_data = shared_data(study)
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data, tracking=target),
@@ -130,30 +184,31 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
 
     if resume:
         print(f"resuming study {study.name!r} from {ray_dir}", file=sys.stderr)
-        tuner = tune.Tuner.restore(str(ray_dir), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        run_config = _run_config(study, folder, verbose, [TrialOutcomes(target, study)])
+        run_config = _run_config(study, place.ray_storage, verbose, [TrialOutcomes(target, study)])
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=run_config)
     start = time.time()
     grid = tuner.fit()
-    table = results_table(grid, study)
+    table = results_table(grid, study, place.remote)
     write_results(table, folder)
     write_optuna_journal(table, study, folder / "optuna.journal")
     summarise_in_mlflow(target, table, study, folder)
+    sync_up(place)
     print_summary(table, study, folder, time.time() - start)
     return table
 
 
-def _check_folder(study: Study, folder: Path, ray_dir: Path, resume: bool) -> None:
+def _check_folder(study: Study, folder: Path, ray_dir: str, resume: bool) -> None:
     if resume:
-        if not tune.Tuner.can_restore(str(ray_dir)):
+        if not tune.Tuner.can_restore(ray_dir):
             raise ConfigError("--resume", f"no study to resume in {folder}",
                               "drop --resume to start it, or pass the --storage/--name it was started with")
         saved = load_study(folder / "study.yaml", check_files=False)
         if saved.to_dict() != study.to_dict():
             raise ConfigError("--resume", f"the study differs from the one started in {folder}",
                               "resume with the same file and --set values, or start a new --name")
-    elif ray_dir.exists():
+    elif exists(ray_dir):
         raise ConfigError("--name", f"{folder} already holds study {study.name!r}",
                           "pass --resume to continue it, or choose another --name")
 
@@ -192,6 +247,17 @@ def check_resources(study: Study, cluster: dict[str, float]) -> None:
                           f"set resources.cpu: {max(1, int(cpus))} or less")
 
 
+def check_tracking_reach(uri: str) -> None:
+    """A SQLite store lives on the driver's disk: trials on other machines cannot log to it."""
+    if uri.startswith(("http://", "https://")):
+        return
+    hosts = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    if len(hosts) > 1:
+        raise ConfigError("--tracking-uri", f"the Ray cluster spans {len(hosts)} machines, and trials on the others "
+                          f"cannot reach the study's local store {uri}",
+                          "run an MLflow tracking server and pass --tracking-uri http://HOST:5000")
+
+
 def shared_data(study: Study) -> tuple[Any, Any]:
     """Tokenise once on the driver (trials get it through the object store), unless the space
     searches a key that changes the tokenised data; then each trial prepares (and caches) its own."""
@@ -218,7 +284,7 @@ def _tune_config(study: Study) -> "tune.TuneConfig":
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
 
 
-def _run_config(study: Study, folder: Path, verbose: int, callbacks: list) -> "tune.RunConfig":
+def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "tune.RunConfig":
     reporter = tune.CLIReporter(
         metric_columns={"training_iteration": "period", study.tune_metric: "best",
                         study.metric: "last", "time_total_s": "seconds"},
@@ -226,7 +292,7 @@ def _run_config(study: Study, folder: Path, verbose: int, callbacks: list) -> "t
         parameter_columns=[p.key for p in study.params if not p.when], max_report_frequency=15,
         sort_by_metric=True)
     return tune.RunConfig(
-        name="ray", storage_path=str(folder), progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
+        name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep),
         failure_config=tune.FailureConfig(max_failures=study.max_retries))
 
@@ -323,9 +389,10 @@ def trial_status(metrics: dict[str, Any], error: Any, study: Study) -> str:
     return STATUS_STOPPED if study.scheduler == "asha" else STATUS_COMPLETED
 
 
-def results_table(grid: Any, study: Study):
+def results_table(grid: Any, study: Study, remote: str | None = None):
     """One row per Ray trial (deduplicated by trial id): config columns under their dotted keys,
-    final metrics, ``best/<metric>``, status, periods, wall time, error text."""
+    final metrics, ``best/<metric>``, status, periods, wall time, error text, and ``path``, the
+    trial folder (a URI when the study's storage is remote)."""
     import pandas as pd
 
     rows: dict[str, dict[str, Any]] = {}
@@ -338,7 +405,7 @@ def results_table(grid: Any, study: Study):
         cfg = study.trial_config(params).flat()
         row.update({k: (v if not isinstance(v, list) else ",".join(map(str, v))) for k, v in cfg.items()})
         for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k.startswith(("dev/", "train/", "best/", "time/"))
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k.startswith(("dev/", "train/", "best/", "time/", "data/"))
                                                                            or k in ("step", "epoch", "samples")):
                 row[k] = v
         row["periods"] = metrics.get("training_iteration", 0)
@@ -347,7 +414,7 @@ def results_table(grid: Any, study: Study):
         row["error"] = _error_text(result) if result.error is not None else ""
         row["error_kind"] = error_kind(row["error"])
         row["node_id"] = metrics.get("node_id", "")
-        row["path"] = str(result.path)
+        row["path"] = f"{remote.split('://')[0]}://{result.path}" if remote else str(result.path)
         rows[trial_id] = row
     table = pd.DataFrame(list(rows.values()))
     return table.sort_values("trial_id").reset_index(drop=True) if len(table) else table

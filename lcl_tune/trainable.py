@@ -69,6 +69,7 @@ def oom_is_a_resource_problem(gpu: float, batch_size: int) -> Iterator[None]:
 
 
 def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: Any, tracking: Any) -> None:
+    entered = time.time()
     from .engine import Trainer
 
     context = tune.get_context()
@@ -101,6 +102,8 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
             run.log_details(details, config_yaml)
         metrics["trial_id"] = context.get_trial_id()
         metrics["node_id"] = node_id  # where Ray placed the trial (multi-node studies)
+        metrics["time/entered_unix"] = entered  # with Tune's start time: the trial start latency
+        metrics["data/shared"] = int(data is not None)  # tokenised once on the driver, not in this trial
         metrics["details_json"] = json.dumps(details)  # confusion matrix etc., for the driver's records
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)

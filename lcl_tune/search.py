@@ -100,8 +100,11 @@ def sync_up(place: StudyPlace, names: tuple[str, ...] = ("study.yaml", "ablation
 
     for name in names:
         src = place.folder / name
-        if src.exists():
-            fs.copy_files(str(src), f"{place.remote}/{name}")
+        if not src.exists():
+            continue
+        dst_fs, dst = fs.FileSystem.from_uri(f"{place.remote}/{name}")
+        dst_fs.create_dir(dst if src.is_dir() else dst.rsplit("/", 1)[0], recursive=True)
+        fs.copy_files(str(src), dst, source_filesystem=fs.LocalFileSystem(), destination_filesystem=dst_fs)
 
 
 # --------------------------------------------------------------------------------------------

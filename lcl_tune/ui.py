@@ -379,6 +379,12 @@ def _block(server: UIServer) -> int:
         return 0
     previous = _sigterm_as_interrupt()
     try:
+        # A shell without job control starts background jobs with SIGINT ignored, and children
+        # inherit that: restore Ctrl-C explicitly so it always stops the UI.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
         code = server.process.wait()
         print(f"error: mlflow server exited with code {code}" + _log_tail(server.log_path), file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ fingerprint.
 from __future__ import annotations
 
 import json
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,7 @@ def _document(trial_config: dict[str, Any], kind: str, name: str, folder: Path, 
     provenance = {"source": kind, "name": name, "folder": str(folder), "trial_id": trial_id,
                   "mlflow": run, "selection": selection, "git_commit": git_commit(),
                   "versions": package_versions(), "data_fingerprint": fingerprint,
-                  "exported_at": __import__("time").strftime("%Y-%m-%d %H:%M:%S")}
+                  "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")}
     return {**trial_config, "provenance": provenance}
 
 

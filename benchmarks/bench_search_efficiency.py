@@ -173,7 +173,9 @@ def markdown(rows: dict, best: float, args, n: int) -> str:
     lines += ["", f"- compute in all, grid / asha+tpe: **{ratio_total:.2f}×**",
               f"- compute to come within {100 * args.tolerance:.1f} points of the grid's best, grid / asha+tpe: "
               + (f"**{ratio_target:.2f}×**" if ratio_target else "asha+tpe did not reach it"), "",
-              f"![best-so-far against compute]({PLOT})", ""]
+              "- a grid knows its best only once every point has run; the compute to target counts finished trials in "
+              "the order they finished (trials still running at that moment are not counted)", "",
+              f"![best-so-far against compute]({PLOT})", "", ""]
     return "\n".join(lines)
 
 

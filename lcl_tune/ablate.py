@@ -171,7 +171,7 @@ class CellRecorder(tune.Callback):
     def _close(self, trial: Any, arm: str, result: dict, status: str, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)
         T.close_trial(self.arm_targets[arm], trial.trial_id, status, cost=cost, error=error,
-                      step=int(result.get("step", 0)))
+                      step=int(result.get("step", 0)), details=json.loads(result.get("details_json") or "{}"))
 
 
 def load_cells(folder: Path) -> list[dict[str, Any]]:

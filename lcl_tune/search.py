@@ -18,11 +18,14 @@ Adapter module: imports Ray and Optuna (with install hints when missing).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,10 +333,18 @@ def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "t
 class TrialOutcomes(tune.Callback):
     """Driver-side: closes each trial's MLflow run with its outcome and cost. Only the driver knows
     whether ASHA stopped a trial (a stopped trial's code never runs again). Pickled with the
-    experiment, so a resumed study keeps closing the same runs."""
+    experiment, so a resumed study keeps closing the same runs.
+
+    Closing a run (store round trips, the confusion-matrix figure) happens on a background
+    thread: Tune calls callbacks inside its event loop, which starts the next trial only after
+    they return. ``on_experiment_end`` waits for the pending closes, before the summary reads them."""
 
     def __init__(self, target: "T.TrackingTarget", study: Study):
         self.target, self.study = target, study
+        self._pool: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pool": None}  # a thread pool is not picklable (nor needed to resume)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -342,9 +353,31 @@ class TrialOutcomes(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=trial_error_text(trial))
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.wait()
+
+    def wait(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
-        T.close_trial(self.target, trial.trial_id, status, cost=cost, error=error, step=int(result.get("step", 0)))
+        close = functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
+                                  step=int(result.get("step", 0)),
+                                  details=json.loads(result.get("details_json") or "{}"))
+        if self._pool is None:  # one thread: closes stay in order, and SQLite sees one writer from here
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcl-tune-close")
+        self._pool.submit(_warn_on_error, close, f"closing the MLflow run of trial {trial.trial_id}")
+
+
+def _warn_on_error(fn: Any, what: str) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - a tracking hiccup must not end the study
+        warnings.warn(f"{what} failed: {e}", stacklevel=2)
 
 
 def trial_error_text(trial: Any) -> str:

@@ -6,8 +6,9 @@
   ``results.parquet``, a parallel-coordinates plot and parameter importances, and the cost ledger;
 * one **child run** per trial (tag ``mlflow.parentRunId``), named from its config
   (``lcl·separate·τ=0.12·λ=0.31``), params under the YAML's dotted keys, one ``log_batch`` call
-  per reported result (all metrics at their step), artifacts: config, confusion matrix (PNG +
-  JSON), per-class F1 table; its outcome (completed / stopped early / errored) as a tag.
+  per reported result (all metrics at their step), artifacts: config, confusion matrix (JSON at
+  each report, the PNG once when the trial ends), per-class F1 table; its outcome (completed /
+  stopped early / errored) as a tag.
 
 A trial's run is found again by its Ray trial id, so retries and ``--resume`` continue the same
 run: exactly one run per trial. Tracking never kills a trial: a failed log call is retried, then
@@ -91,9 +92,58 @@ def open_store(uri: str) -> MlflowClient:
     """Create the store before any trial touches it: concurrent first use of a new SQLite file by
     several trial processes can corrupt it, so the driver creates the schema up front."""
     check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        seed_sqlite_store(Path(uri[len("sqlite:///"):]))
     client = MlflowClient(tracking_uri=uri)
     client.search_experiments(max_results=1)  # creates/migrates the SQLite schema now
     return client
+
+
+def store_template_dir() -> Path:
+    return Path.home() / ".cache" / "lcl_tune" / "mlflow"
+
+
+def store_template() -> Path:
+    """The empty, migrated SQLite store new studies start from (one per MLflow version)."""
+    import mlflow
+
+    return store_template_dir() / f"empty-{mlflow.__version__}.db"
+
+
+def seed_sqlite_store(db: Path) -> bool:
+    """Start a new SQLite store as a copy of an empty, fully migrated one (made once per MLflow
+    version in ``~/.cache/lcl_tune/mlflow``): MLflow builds a new store by running every schema
+    migration, about 3 s, which a study of short trials would pay each time. The copy is the
+    store MLflow would have made, down to the Default experiment's artifact location (``./mlruns/0``
+    of the current directory). Returns whether ``db`` was seeded (False: it already existed, or
+    the template could not be made, and MLflow creates the store as usual)."""
+    import os
+    import shutil
+    import sqlite3
+
+    if db.exists():
+        return False
+    template = store_template()
+    try:
+        if not template.exists():
+            template.parent.mkdir(parents=True, exist_ok=True)
+            fresh = template.with_suffix(f".{os.getpid()}.tmp")
+            fresh.unlink(missing_ok=True)
+            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
+            os.replace(fresh, template)  # atomic: concurrent makers never see half a template
+        db.parent.mkdir(parents=True, exist_ok=True)
+        partial = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, partial)
+        now = int(time.time() * 1000)
+        with sqlite3.connect(partial) as con:
+            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+                        "WHERE experiment_id = 0", ((Path.cwd() / "mlruns" / "0").as_posix(), now, now))
+        con.close()
+        os.replace(partial, db)
+        return True
+    except (OSError, sqlite3.Error) as e:  # a read-only home, a full disk: MLflow makes the store itself
+        warnings.warn(f"could not seed the MLflow store from a template ({e}); creating it from scratch")
+        return False
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
@@ -216,9 +266,11 @@ class TrialRun:
         log_metrics(self.client, self.run_id, metrics, step)
 
     def log_details(self, details: Mapping[str, Any], config_yaml: str) -> None:
-        """The latest confusion matrix (PNG + JSON), per-class F1 table and resolved config; each
-        report overwrites them, so when the trial ends (however it ends) they are its final ones."""
-        log_details(self.client, self.run_id, details, config_yaml)
+        """The latest confusion matrix (JSON), per-class F1 table and resolved config; each report
+        overwrites them, so when the trial ends (however it ends) they are its final ones. The
+        confusion-matrix figure is drawn once, by the driver when the trial ends (``close_trial``):
+        drawing it at every report would cost a short trial more than its evaluations do."""
+        log_details(self.client, self.run_id, details, config_yaml, figure=False)
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -229,10 +281,23 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     _retry(lambda: client.log_batch(run_id, metrics=batch), "log_batch")
 
 
-def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], config_yaml: str) -> None:
+def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], config_yaml: str, *,
+                figure: bool = True) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        write_trial_artifacts(Path(tmp), details, config_yaml)
+        write_trial_artifacts(Path(tmp), details, config_yaml, figure=figure)
         _retry(lambda: client.log_artifacts(run_id, tmp), "log_artifacts")
+
+
+def log_confusion_figure(client: MlflowClient, run_id: str, details: Mapping[str, Any]) -> None:
+    """``confusion_matrix.png`` of a trial's last report (next to its ``confusion_matrix.json``)."""
+    from .plots import confusion_matrix_png
+
+    if details.get("dev/confusion") is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = confusion_matrix_png(details["dev/confusion"], list(details.get("label_names", [])),
+                                    Path(tmp) / "confusion_matrix.png", title="dev confusion matrix")
+        _retry(lambda: client.log_artifact(run_id, str(path)), "log_artifact")
 
 
 def log_params(client: MlflowClient, run_id: str, flat_config: Mapping[str, Any]) -> None:
@@ -246,7 +311,7 @@ def _param_value(v: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
-def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str) -> None:
+def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str, *, figure: bool = True) -> None:
     from .plots import confusion_matrix_png
 
     labels = list(details.get("label_names", []))
@@ -254,7 +319,8 @@ def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml:
     (folder / "config.yaml").write_text(config_yaml)
     if cm is not None:
         (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": cm}))
-        confusion_matrix_png(cm, labels, folder / "confusion_matrix.png", title="dev confusion matrix")
+        if figure:
+            confusion_matrix_png(cm, labels, folder / "confusion_matrix.png", title="dev confusion matrix")
     f1 = details.get("dev/per_class_f1") or {}
     support = [sum(row) for row in cm] if cm is not None else [None] * len(f1)
     lines = ["class,f1,support"] + [f"{_csv(name)},{value:.6f},{s}" for (name, value), s in zip(f1.items(), support)]
@@ -271,9 +337,9 @@ def _csv(text: str) -> str:
 
 
 def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Mapping[str, float],
-                error: str | None = None, step: int = 0) -> None:
-    """Mark a trial's run with its outcome and cost; called by the driver, which alone knows
-    whether ASHA stopped the trial."""
+                error: str | None = None, step: int = 0, details: Mapping[str, Any] | None = None) -> None:
+    """Mark a trial's run with its outcome and cost, and draw the confusion matrix of its last
+    report (``details``); called by the driver, which alone knows whether ASHA stopped the trial."""
     client = target.client()
     found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
     if not found:  # the trial failed before it could create its run: create it now, so it is seen
@@ -292,6 +358,8 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "error.txt").write_text(error)
             _retry(lambda: client.log_artifact(run_id, str(Path(tmp) / "error.txt")), "log_artifact")
+    if details:
+        log_confusion_figure(client, run_id, details)
     client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
 
 

@@ -103,8 +103,9 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
         metrics["trial_id"] = context.get_trial_id()
         metrics["node_id"] = node_id  # where Ray placed the trial (multi-node studies)
         metrics["time/entered_unix"] = entered  # with Tune's start time: the trial start latency
+        metrics["time/reported_unix"] = time.time()  # Ray's own ``timestamp`` is in whole seconds
         metrics["data/shared"] = int(data is not None)  # tokenised once on the driver, not in this trial
-        metrics["details_json"] = json.dumps(details)  # confusion matrix etc., for the driver's records
+        metrics["details_json"] = json.dumps(details)  # for the driver: the ablation's cell records, the trial's figure
         with tempfile.TemporaryDirectory() as folder:
             trainer.save(Path(folder) / STATE_FILE)
             (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))

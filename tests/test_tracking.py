@@ -32,6 +32,35 @@ def test_store_experiment_and_parent_are_created_once(tmp_path):
     assert other.parent_run_id != first.parent_run_id
 
 
+def test_new_sqlite_stores_are_copies_of_a_migrated_template(tmp_path, monkeypatch):
+    import sqlite3
+
+    monkeypatch.setattr(T, "store_template_dir", lambda: tmp_path / "templates")
+    monkeypatch.chdir(tmp_path)
+    fresh = T.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'fresh.db'}")  # what MLflow makes itself
+    fresh.search_experiments()
+    assert T.seed_sqlite_store(tmp_path / "a" / "mlflow.db")  # makes the template, then copies it
+    assert T.seed_sqlite_store(tmp_path / "b" / "mlflow.db")  # copies it
+    assert not T.seed_sqlite_store(tmp_path / "b" / "mlflow.db")  # never overwrites a store
+    assert len(list((tmp_path / "templates").iterdir())) == 1  # no temporary files left behind
+
+    def dump(db: Path) -> tuple:
+        with sqlite3.connect(db) as con:
+            # constraint order inside a CREATE TABLE varies between two migrations by MLflow itself
+            schema = [(kind, name, sorted((sql or "").replace(",", "").split("\n")))
+                      for kind, name, sql in con.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")]
+            version = con.execute("SELECT * FROM alembic_version").fetchall()
+            default = con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments"
+                                  ).fetchall()
+        return schema, version, default
+
+    assert dump(tmp_path / "b" / "mlflow.db") == dump(tmp_path / "fresh.db")
+    target = T.start_study("unit", tmp_path / "b")  # a seeded store works as a store
+    run = T.TrialRun(target, "t1", {"a": 1})
+    run.log_report({"dev/accuracy": 0.5}, step=1)
+    assert T.child_runs(target)[0].data.metrics["dev/accuracy"] == 0.5
+
+
 def test_a_trial_has_exactly_one_run_across_retries(target):
     flat = TrialConfig().flat()
     a = T.TrialRun(target, "t1", flat)
@@ -60,10 +89,14 @@ def test_one_log_batch_call_per_reported_result(target, monkeypatch):
 def test_trial_artifacts_and_outcome(target):
     run = T.TrialRun(target, "t3", TrialConfig().flat())
     run.log_details(DETAILS, "seed: 1\n")
-    T.close_trial(target, "t3", "stopped early", cost=T.trial_cost(10.0, cpu=2, gpu=0.25), step=30)
+    files = {f.path for f in run.client.list_artifacts(run.run_id)}
+    assert files == {"config.yaml", "confusion_matrix.json", "per_class_f1.csv"}  # each report: no drawing
+    T.close_trial(target, "t3", "stopped early", cost=T.trial_cost(10.0, cpu=2, gpu=0.25), step=30, details=DETAILS)
     r = run.client.get_run(run.run_id)
     files = {f.path for f in run.client.list_artifacts(run.run_id)}
     assert files == {"config.yaml", "confusion_matrix.json", "confusion_matrix.png", "per_class_f1.csv"}
+    png = Path(run.client.download_artifacts(run.run_id, "confusion_matrix.png")).read_bytes()
+    assert png.startswith(b"\x89PNG")  # the trial's end draws its last confusion matrix
     assert r.data.tags[T.TAG_STATUS] == "stopped early" and r.data.tags[T.TAG_STOPPED] == "true"
     assert r.data.metrics == {"cost/wall_s": 10.0, "cost/cpu_s": 20.0, "cost/accelerator_s": 2.5}
     assert r.info.status == "FINISHED"

@@ -69,10 +69,11 @@ def make_study(folder: Path, name: str = "ui-demo", trials: list[tuple[float, st
             f1 = round(0.35 + 0.1 * i + step / 100, 3)
             run.log_report({"dev/accuracy": round(f1 + 0.04, 3), "dev/weighted_f1": f1, "train/loss": 1.5 - step / 40},
                            step)
-        run.log_details({"label_names": LABELS, "dev/confusion": [[8, 2, 0], [1, 6, 3], [0, 2, 9]],
-                         "dev/per_class_f1": {"negative": 0.84, "neutral": 0.63, "positive": 0.82}}, cfg.to_yaml())
+        details = {"label_names": LABELS, "dev/confusion": [[8, 2, 0], [1, 6, 3], [0, 2, 9]],
+                   "dev/per_class_f1": {"negative": 0.84, "neutral": 0.63, "positive": 0.82}}
+        run.log_details(details, cfg.to_yaml())
         T.close_trial(target, trial_id, "completed" if i % 2 == 0 else "stopped early",
-                      cost=T.trial_cost(12.0 + i, 1.0, 0.0), step=20)
+                      cost=T.trial_cost(12.0 + i, 1.0, 0.0), step=20, details=details)
         names.append(T.run_name(cfg.flat()))
         run_ids.append(run.run_id)
     best = round(0.35 + 0.1 * (len(trials) - 1) + 0.2, 3)

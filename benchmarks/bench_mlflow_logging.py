@@ -687,9 +687,9 @@ CAVEATS = """Notes:
   numeric `config/...` metrics per result; with only the sampled keys as Tune config (what
   `lcl_tune.search` passes), it would be ~4, and the per-result ratio between the `ray-reported`
   and `ray` rows.
-- Not timed: `lcl_tune`'s per-report artifacts (`log_details`: confusion matrix PNG/JSON, per-class
-  F1), which Ray's callback has no counterpart for (`save_artifact=True` uploads the trial
-  folder once, at trial end).
+- Not timed: `lcl_tune`'s per-report artifacts (`log_details`: confusion matrix JSON, per-class
+  F1, config) and the confusion-matrix PNG drawn when the trial ends, which Ray's callback has no
+  counterpart for (`save_artifact=True` uploads the trial folder once, at trial end).
 """
 
 

@@ -214,7 +214,7 @@ def main() -> None:
     template_s = make_store_template()
     results = [run(args.trials, args.concurrency, int(steps)) for steps in args.steps.split(",")]
     floor = tune_floor(args.trials, args.concurrency)
-    text = markdown(results)
+    text = markdown(results) + "\n"
     text += (f"- Ray Tune alone on this machine ({args.trials} trials of a function that only reports, "
              f"{args.concurrency} at a time, actors reused): {floor['wall_s']:.1f} s wall, the first trial's code "
              f"running {floor['first_trial_s']:.1f} s after the start: the floor under every study's first trial\n")

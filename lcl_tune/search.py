@@ -391,6 +391,9 @@ def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, fo
     """The parent run's summary: best trial, results table, plots, cost ledger (sum of children)."""
     T.drop_superseded(target, set(table["trial_id"]) if len(table) else set())
     rows = table.to_dict("records") if len(table) else []
+    T.close_left_running(target, {r["trial_id"]: (r["status"], T.trial_cost(_or_zero(r.get("wall_s")), study.cpu,
+                                                                             study.gpu), int(_or_zero(r.get("step"))))
+                                  for r in rows})
     asha_periods = study.scheduler == "asha" and study.time_unit == "period"
     summary = T.cost_summary(target, rows, study.max_t if asha_periods else None)
     counts = {s: sum(r["status"] == s for r in rows) for s in (STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED)}
@@ -408,6 +411,10 @@ def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, fo
     plots.mkdir(exist_ok=True)
     artifacts = [folder / "results.parquet", *study_plots(table, study, plots, folder / "optuna.journal")]
     T.finish_study(target, summary_metrics=summary, tags=tags, artifacts=artifacts)
+
+
+def _or_zero(value: Any) -> float:
+    return 0.0 if value is None or _isnan(value) else float(value)
 
 
 def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[Path]:

@@ -363,6 +363,21 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
     client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
 
 
+def close_left_running(target: TrackingTarget, outcomes: Mapping[str, tuple[str, Mapping[str, float], int]]) -> list[str]:
+    """Close the child runs still marked running whose trial has an outcome (trial id -> status,
+    cost, step): the driver closes runs on a background thread, and a driver killed between a
+    trial's end and its run's close would otherwise leave that run open after ``--resume``.
+    Returns the trial ids closed here."""
+    closed = []
+    for run in child_runs(target):
+        trial_id = run.data.tags.get(TAG_TRIAL)
+        if run.data.tags.get(TAG_STATUS) == "running" and trial_id in outcomes:
+            status, cost, step = outcomes[trial_id]
+            close_trial(target, trial_id, status, cost=cost, step=step)
+            closed.append(trial_id)
+    return closed
+
+
 def trial_cost(wall_s: float, cpu: float, gpu: float) -> dict[str, float]:
     """The cost ledger of one trial: wall time and the resources it held for it."""
     return {"cost/wall_s": wall_s, "cost/cpu_s": wall_s * cpu, "cost/accelerator_s": wall_s * gpu}

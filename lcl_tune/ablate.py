@@ -32,7 +32,7 @@ from .ablation import Ablation, cell_name, cell_of
 from .config import ConfigError
 from .search import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
-from .trainable import lcl_trainable
+from .trainable import lcl_trainable, result_details
 
 CELL_DIR = "cells"
 
@@ -157,7 +157,7 @@ class CellRecorder(tune.Callback):
             return self._close(trial, arm, result, STATUS_ERRORED, "the cell ended before training finished")
         record = {"arm": arm, "seed": seed, "trial_id": trial.trial_id,
                   "metrics": {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                  "details": json.loads(result.get("details_json", "{}"))}
+                  "details": result_details(result)}
         path = self.folder / CELL_DIR / f"{cell_name(arm, seed)}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
@@ -171,7 +171,7 @@ class CellRecorder(tune.Callback):
     def _close(self, trial: Any, arm: str, result: dict, status: str, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)
         T.close_trial(self.arm_targets[arm], trial.trial_id, status, cost=cost, error=error,
-                      step=int(result.get("step", 0)), details=json.loads(result.get("details_json") or "{}"))
+                      step=int(result.get("step", 0)), details=result_details(result))
 
 
 def load_cells(folder: Path) -> list[dict[str, Any]]:

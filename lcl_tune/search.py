@@ -19,7 +19,6 @@ Adapter module: imports Ray and Optuna (with install hints when missing).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import shlex
@@ -44,7 +43,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
                       "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
 
 from . import tracking as T
-from .trainable import lcl_trainable
+from .trainable import lcl_trainable, result_details
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
@@ -354,9 +353,6 @@ class TrialOutcomes(tune.Callback):
         self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=trial_error_text(trial))
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.wait()
-
-    def wait(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -367,7 +363,7 @@ class TrialOutcomes(tune.Callback):
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
         close = functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
                                   step=int(result.get("step", 0)),
-                                  details=json.loads(result.get("details_json") or "{}"))
+                                  details=result_details(result))
         if self._pool is None:  # one thread: closes stay in order, and SQLite sees one writer from here
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcl-tune-close")
         self._pool.submit(_warn_on_error, close, f"closing the MLflow run of trial {trial.trial_id}")

@@ -113,6 +113,11 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
+def result_details(result: dict[str, Any]) -> dict[str, Any]:
+    """The details (confusion matrix, per-class F1, config) a trial put in a Ray result."""
+    return json.loads(result.get("details_json") or "{}")
+
+
 def _maybe_fail(params: dict[str, Any], period: int, resumed: bool) -> None:
     for rule in filter(None, os.environ.get(FAIL_ENV, "").split(";")):
         rule, _, kind = rule.partition(":")

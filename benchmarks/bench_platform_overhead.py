@@ -52,9 +52,9 @@ def study_spec(root: Path, trials: int, concurrency: int, steps: int) -> dict:
 def run(trials: int, concurrency: int, steps: int) -> dict:
     import yaml
 
-    import lcl_tune.engine as engine
-    from lcl_tune import search
-    from lcl_tune.study import load_study
+    import lcl_tune.core.engine as engine
+    from lcl_tune.adapters import study_runner as search
+    from lcl_tune.schema.study import load_study
 
     calls = {"prepare_data": 0}
     original = engine.prepare_data
@@ -220,7 +220,7 @@ def tune_floor(trials: int, concurrency: int) -> dict:
 def make_store_template() -> float | None:
     """New studies copy an empty migrated MLflow store made once per machine; make it now (outside
     the timed studies) if this machine has none. Returns the seconds it took, None if it existed."""
-    from lcl_tune import tracking
+    from lcl_tune.adapters import tracking as tracking
 
     if tracking.store_template().exists():
         return None

@@ -56,8 +56,8 @@ def study(name: str, points: list[dict] | None, n: int, asha: bool, concurrency:
 def run(tree: dict, root: Path):
     import yaml
 
-    from lcl_tune import search
-    from lcl_tune.study import load_study
+    from lcl_tune.adapters import study_runner as search
+    from lcl_tune.schema.study import load_study
 
     path = root / f"{tree['name']}.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))

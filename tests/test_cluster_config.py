@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lcl_tune.cluster_check import COMMAND_LISTS, main, parse_installs, validate_cluster_config
+from lcl_tune.cli.cluster_check import COMMAND_LISTS, main, parse_installs, validate_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -63,11 +63,11 @@ def test_cli_prints_valid_and_exits_0(capsys):
 
 
 def test_module_entry_point_and_no_ray_at_import(tmp_path):
-    """`python -m lcl_tune.cluster_check` works; importing the module does not import Ray."""
-    out = subprocess.run([sys.executable, "-m", "lcl_tune.cluster_check", "cluster.yaml"], cwd=REPO,
+    """`python -m lcl_tune.cli.cluster_check` works; importing the module does not import Ray."""
+    out = subprocess.run([sys.executable, "-m", "lcl_tune.cli.cluster_check", "cluster.yaml"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "cluster.yaml: valid", out.stdout + out.stderr
-    code = "import sys, lcl_tune.cluster_check; print('ray' in sys.modules)"
+    code = "import sys, lcl_tune.cli.cluster_check; print('ray' in sys.modules)"
     light = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert light.stdout.strip() == "False", light.stderr
 
@@ -307,7 +307,7 @@ def test_gcp_variant_in_docs_is_valid(tmp_path):
 
 def test_kuberay_manifests_in_docs():
     """RayCluster / RayJob (ray.io/v1): Ray and lcl-tune versions as pinned, GPU limits, URIs."""
-    from lcl_tune.cluster_check import project_pins
+    from lcl_tune.cli.cluster_check import project_pins
 
     pins = project_pins(PYPROJECT)
     docs = {d["kind"]: d for block in yaml_blocks(DOC) for d in yaml.safe_load_all(block)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lcl_tune import config as C
-from lcl_tune.config import ConfigError
+from lcl_tune.schema import trial as C
+from lcl_tune.schema.trial import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"preset": "sst5"}}  # the hub preset: needs no file, so only the key under test fails
@@ -158,7 +158,7 @@ def test_every_shipped_trial_config_loads():
 
 
 def test_config_module_imports_nothing_heavy():
-    code = ("import sys, lcl_tune.config, lcl_tune.cli; "
+    code = ("import sys, lcl_tune.schema.trial, lcl_tune.cli.main; "
             "print(','.join(m for m in ('torch','ray','mlflow','optuna','transformers','datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""

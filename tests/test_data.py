@@ -1,4 +1,4 @@
-"""Data loading, sampling, tokenisation cache, collation and batching (lcl_tune.data)."""
+"""Data loading, sampling, tokenisation cache, collation and batching (lcl_tune.core.data)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lcl_tune import data as D
-from lcl_tune.config import ConfigError, DataConfig
+from lcl_tune.core import data as D
+from lcl_tune.schema.trial import ConfigError, DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from lcl_tune import config as C
-from lcl_tune.config import WEIGHTING_NAMES
-from lcl_tune.engine import Trainer, linear_schedule
-from lcl_tune.metrics import classification_metrics
-from lcl_tune.weighting import REGISTRY
+from lcl_tune.schema import trial as C
+from lcl_tune.schema.trial import WEIGHTING_NAMES
+from lcl_tune.core.engine import Trainer, linear_schedule
+from lcl_tune.core.metrics import classification_metrics
+from lcl_tune.core.weighting import REGISTRY
 
 
 @pytest.fixture()

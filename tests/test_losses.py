@@ -1,4 +1,4 @@
-"""Tests for lcl_tune.losses against a slow, literal float64 reference of the two formulas."""
+"""Tests for lcl_tune.core.losses against a slow, literal float64 reference of the two formulas."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lcl_tune.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
+from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 
 D = 8  # feature width used throughout
 

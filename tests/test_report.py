@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from lcl_tune.report import (
+from lcl_tune.analysis.report import (
     METRIC_FIELDS,
     Cell,
     arm_metrics,

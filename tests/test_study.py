@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lcl_tune.config import ConfigError
-from lcl_tune.study import load_study
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.study import load_study
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_overrides_reach_study_and_trial_keys(tmp_path):
 
 def test_gpu_request_on_a_cpu_cluster_fails_fast():
     pytest.importorskip("ray")
-    from lcl_tune.search import check_resources
+    from lcl_tune.adapters.study_runner import check_resources
 
     study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["resources.gpu=0.25"], check_files=False)
     with pytest.raises(ConfigError) as e:
@@ -179,7 +179,7 @@ def test_every_shipped_study_validates(path):
 
 
 def test_validate_cli_is_instant_and_imports_nothing_heavy():
-    code = ("import sys; from lcl_tune.cli import main; rc = main(['validate', 'search_spaces/quickstart.yaml']); "
+    code = ("import sys; from lcl_tune.cli.main import main; rc = main(['validate', 'search_spaces/quickstart.yaml']); "
             "heavy = [m for m in ('torch', 'ray', 'optuna', 'mlflow', 'transformers') if m in sys.modules]; "
             "print('HEAVY', heavy); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -190,7 +190,7 @@ def test_validate_cli_is_instant_and_imports_nothing_heavy():
 def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
     """The shipped GoEmotions study (ELECTRA-base + a separate weighting encoder, 2 trials per GPU)
     fits an 80 GiB H100 but not a 24 GiB A10G: the study warns before any trial dies of OOM."""
-    search = pytest.importorskip("lcl_tune.search")
+    search = pytest.importorskip("lcl_tune.adapters.study_runner")
     study = load_study(REPO / "search_spaces" / "goemotions_lcl.yaml", check_files=False)
 
     def cluster(kind):

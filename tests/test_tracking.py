@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("mlflow")
 
-from lcl_tune import tracking as T  # noqa: E402
-from lcl_tune.config import ConfigError, TrialConfig  # noqa: E402
+from lcl_tune.adapters import tracking as T  # noqa: E402
+from lcl_tune.schema.trial import ConfigError, TrialConfig  # noqa: E402
 
 DETAILS = {"label_names": ["neg", "pos"], "dev/confusion": [[3, 1], [0, 4]],
            "dev/per_class_f1": {"neg": 0.857, "pos": 0.889}}

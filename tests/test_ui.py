@@ -2,7 +2,7 @@
 on Ctrl-C, a child run's artifacts load, and a real browser shows the parent run with its nested
 trial runs.
 
-The study is written with :mod:`lcl_tune.tracking` directly (no Ray, no training): seconds, not
+The study is written with :mod:`lcl_tune.adapters.tracking` directly (no Ray, no training): seconds, not
 minutes. Every server a test starts is stopped in a ``finally`` or fixture teardown.
 """
 
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from lcl_tune import tracking as T
-from lcl_tune.cli import main as cli_main
-from lcl_tune.config import ConfigError, TrialConfig
-from lcl_tune.ui import Store, UIServer, check_port, free_port, resolve_store, serve, server_command, start_ui
+from lcl_tune.adapters import tracking as T
+from lcl_tune.cli.main import main as cli_main
+from lcl_tune.schema.trial import ConfigError, TrialConfig
+from lcl_tune.cli.ui import Store, UIServer, check_port, free_port, resolve_store, serve, server_command, start_ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .config import ConfigError
+from lcl_tune.schema.trial import ConfigError
 
 try:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("lcl_tune.tracking needs MLflow: pip install 'mlflow==3.17.2'") from e
+    raise ImportError("lcl_tune.adapters.tracking needs MLflow: pip install 'mlflow==3.17.2'") from e
 
 TAG_ROLE = "lcl_tune.role"  # study | trial (ablation | arm | seed for ablations)
 TAG_STUDY = "lcl_tune.study"
@@ -290,7 +290,7 @@ def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], c
 
 def log_confusion_figure(client: MlflowClient, run_id: str, details: Mapping[str, Any]) -> None:
     """``confusion_matrix.png`` of a trial's last report (next to its ``confusion_matrix.json``)."""
-    from .plots import confusion_matrix_png
+    from lcl_tune.analysis.plots import confusion_matrix_png
 
     if details.get("dev/confusion") is None:
         return
@@ -312,7 +312,7 @@ def _param_value(v: Any) -> str:
 
 
 def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str, *, figure: bool = True) -> None:
-    from .plots import confusion_matrix_png
+    from lcl_tune.analysis.plots import confusion_matrix_png
 
     labels = list(details.get("label_names", []))
     cm = details.get("dev/confusion")

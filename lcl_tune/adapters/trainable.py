@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: one trial = one :class:`~lcl_tune.engine.Trainer` run.
+"""The Ray Tune trainable: one trial = one :class:`~lcl_tune.core.engine.Trainer` run.
 
 It lives in the package (not in a script or a test) so Ray workers can import it. Per evaluation
 period it reports every scalar metric plus the best-so-far value of the study metric (what Optuna
@@ -6,7 +6,7 @@ must see: OptunaSearch takes a trial's *last* reported value) and a checkpoint h
 optimiser and counters only (``torch.load(weights_only=True)``: never pickled code). On a retry or
 a restored study the trial continues from its last checkpoint.
 
-Adapter module: the only place besides :mod:`lcl_tune.search` and :mod:`lcl_tune.tracking` that
+Adapter module: the only place besides :mod:`lcl_tune.adapters.study_runner` and :mod:`lcl_tune.adapters.tracking` that
 imports Ray.
 """
 
@@ -24,7 +24,7 @@ import ray
 import torch
 from ray import tune
 
-from .study import Study
+from lcl_tune.schema.study import Study
 
 STATE_FILE = "state.pt"
 DETAILS_FILE = "details.json"
@@ -46,10 +46,10 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
     """Function trainable. ``params``: the sampled dotted keys; ``study``: the validated study;
     ``data``/``w_data``: tokenised splits prepared once on the driver and shared through the
     object store (``tune.with_parameters``), so no trial tokenises; ``tracking``: the study's
-    :class:`~lcl_tune.tracking.TrackingTarget`, or for an ablation a mapping arm -> target of the
+    :class:`~lcl_tune.adapters.tracking.TrackingTarget`, or for an ablation a mapping arm -> target of the
     arm's run (None: no MLflow).
 
-    ``study`` is a :class:`~lcl_tune.study.Study` or an :class:`~lcl_tune.ablation.Ablation`:
+    ``study`` is a :class:`~lcl_tune.schema.study.Study` or an :class:`~lcl_tune.schema.ablation.Ablation`:
     anything with ``trial_config(params)``, ``run_labels(params)``, ``name`` and ``cpu``."""
     cfg = study.trial_config(params)
     with oom_is_a_resource_problem(study.gpu, cfg.train.batch_size):
@@ -70,12 +70,12 @@ def oom_is_a_resource_problem(gpu: float, batch_size: int) -> Iterator[None]:
 
 def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: Any, tracking: Any) -> None:
     entered = time.time()
-    from .engine import Trainer
+    from lcl_tune.core.engine import Trainer
 
     context = tune.get_context()
     run = None
     if tracking is not None:  # first, so a trial that fails to start still shows its params
-        from .tracking import TrialRun
+        from lcl_tune.adapters.tracking import TrialRun
 
         name, tags = study.run_labels(params)
         target = tracking[tags["lcl_tune.arm"]] if isinstance(tracking, dict) else tracking

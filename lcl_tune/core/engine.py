@@ -3,11 +3,11 @@
 ``Trainer(cfg).run()`` yields one report (a flat dict of scalars plus ``details``) after every
 evaluation period; the Ray trainable reports and checkpoints each of them, the CLI prints them.
 ``Trainer.fit()`` runs to the end and returns the summary. Everything a trial does is decided by
-its :class:`~lcl_tune.config.TrialConfig` and its seed: on CPU the same seed gives the same metrics.
+its :class:`~lcl_tune.schema.trial.TrialConfig` and its seed: on CPU the same seed gives the same metrics.
 
 The objective of the main encoder is ``λ·CE + (1−λ)·contrastive`` (``λ = loss.lam``), where the
 contrastive term is SCL or LCL on the [CLS] vector; a ``separate`` weighting network adds its own
-``λ·CE`` (see :mod:`lcl_tune.weighting`).
+``λ·CE`` (see :mod:`lcl_tune.core.weighting`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TrialConfig
-from .data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
-from .losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
-from .metrics import classification_metrics
-from .model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
-from .weighting import WeightingNetwork, build_weighting
+from lcl_tune.schema.trial import TrialConfig
+from lcl_tune.core.data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
+from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
+from lcl_tune.core.metrics import classification_metrics
+from lcl_tune.core.model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
+from lcl_tune.core.weighting import WeightingNetwork, build_weighting
 
 Report = dict[str, Any]
 

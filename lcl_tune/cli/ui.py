@@ -1,7 +1,7 @@
 """``lcl-tune ui``: the MLflow UI of one study, on loopback, showing the study's local artifacts.
 
 A study keeps its runs in ``<folder>/mlflow.db`` and their artifacts under ``<folder>/mlartifacts``
-(see :mod:`lcl_tune.tracking`). This module starts ``mlflow server`` as a child process for that
+(see :mod:`lcl_tune.adapters.tracking`). This module starts ``mlflow server`` as a child process for that
 store, waits until it answers, prints the URL of the study's runs table and, when blocking, stops
 the server cleanly on Ctrl-C.
 
@@ -33,13 +33,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tracking as T
-from .config import ConfigError
+from lcl_tune.adapters import tracking as T
+from lcl_tune.schema.trial import ConfigError
 
 try:
     from mlflow.tracking import MlflowClient
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("lcl_tune.ui needs MLflow: pip install 'mlflow==3.17.2'") from e
+    raise ImportError("lcl_tune.cli.ui needs MLflow: pip install 'mlflow==3.17.2'") from e
 
 DEFAULT_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")

@@ -1,6 +1,6 @@
 """Offline check of a Ray cluster-launcher config (``cluster.yaml``) before ``ray up``.
 
-    python -m lcl_tune.cluster_check cluster.yaml [--pyproject PATH] [--local-files]
+    python -m lcl_tune.cli.cluster_check cluster.yaml [--pyproject PATH] [--local-files]
 
 prints ``cluster.yaml: valid`` or one line per problem, ``<file>: <key>: <problem>. Fix: <fix>``,
 and exits 1. No cloud is contacted and no credentials are needed. Two stages:
@@ -158,7 +158,7 @@ def validate_cluster_config(path: str | os.PathLike, *, pyproject: str | os.Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lcl_tune.cluster_check",
+        prog="python -m lcl_tune.cli.cluster_check",
         description="Check a Ray cluster-launcher config offline: Ray's own validation (what `ray up` "
                     "checks before contacting a cloud) plus lcl-tune's invariants.")
     parser.add_argument("config", nargs="?", default="cluster.yaml", help="cluster config (default cluster.yaml)")

@@ -16,7 +16,7 @@ keys), the metric, the Optuna sampler, the ASHA scheduler and the resources of e
     scheduler: {name: asha, time_unit: period, max_t: 4, grace_period: 1, reduction_factor: 2}
     resources: {cpu: 1, gpu: 0}
 
-Every problem is a one-line :class:`~lcl_tune.config.ConfigError` naming the file, the key and the
+Every problem is a one-line :class:`~lcl_tune.schema.trial.ConfigError` naming the file, the key and the
 fix, raised before Ray starts. :meth:`Study.budget` says what a study will cost at most.
 """
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import config as C
-from .config import ConfigError
+from lcl_tune.schema import trial as C
+from lcl_tune.schema.trial import ConfigError
 
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
 SAMPLERS = ("tpe", "random", "qmc")

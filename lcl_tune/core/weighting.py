@@ -14,7 +14,7 @@ objective of the main encoder.
 | ``ema``             | 0 (N×C table)  | 0                             | no               |
 | ``uniform``         | 0              | 0                             | no               |
 
-Core module: imports torch only (and :mod:`lcl_tune.model` for the second encoder).
+Core module: imports torch only (and :mod:`lcl_tune.core.model` for the second encoder).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import WeightingConfig
-from .model import EncoderClassifier
+from lcl_tune.schema.trial import WeightingConfig
+from lcl_tune.core.model import EncoderClassifier
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """How much GPU memory one trial needs, before it starts: choose a safe ``resources.gpu`` fraction.
 
-Core module: plain arithmetic on a :class:`~lcl_tune.config.TrialConfig` and a model's sizes. It
+Core module: plain arithmetic on a :class:`~lcl_tune.schema.trial.TrialConfig` and a model's sizes. It
 imports neither torch nor transformers (a model's sizes come from the built-in table or from the
 ``config.json`` of its folder, read as JSON), so a study can check its trials on the driver in
 microseconds.
@@ -58,7 +58,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .config import TrialConfig
+from lcl_tune.schema.trial import TrialConfig
 
 MiB = 1024**2
 GiB = 1024**3
@@ -97,7 +97,7 @@ class ArchSize:
     assumed: bool = False  # True when the sizes are a guess from the model's name
 
 
-# Kept equal to lcl_tune.model.BUILTIN_ARCHS (tested), without importing torch.
+# Kept equal to lcl_tune.core.model.BUILTIN_ARCHS (tested), without importing torch.
 BUILTIN_SIZES: dict[str, ArchSize] = {
     "tiny": ArchSize(hidden=32, layers=2, vocab=VOCAB_MINILM, intermediate=64, heads=2, source="built-in tiny"),
     "bert-base": ArchSize(hidden=768, layers=12, vocab=VOCAB_MINILM, intermediate=3072, heads=12,

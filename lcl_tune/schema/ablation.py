@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import config as C
-from .config import ConfigError
-from .study import SECTION_KEYS, Study, apply_overrides, base_tree, load_spec, parse_metric, trial_key
+from lcl_tune.schema import trial as C
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.study import SECTION_KEYS, Study, apply_overrides, base_tree, load_spec, parse_metric, trial_key
 
 ABLATION_KEYS = ("name", "description", "base", "fixed", "metric", "baseline", "arms", "factors", "seeds", "tune",
                  "resources", "failure")
@@ -92,7 +92,7 @@ class Ablation:
 
     def arm_study(self, arm: str) -> Study:
         """The tuning phase of one arm: a study whose base is the arm's config (first seed)."""
-        from .study import parse_study
+        from lcl_tune.schema.study import parse_study
 
         assert self.tune is not None
         base = self.trial_config({"arm": arm, "seed": self.seeds[0]}).to_dict()

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from . import config as C
-from .config import ConfigError
+from lcl_tune.schema import trial as C
+from lcl_tune.schema.trial import ConfigError
 
 SELECT_RULES = ("best", "mean", "lcb")
 PACKAGES = ("lcl-tune", "torch", "transformers", "datasets", "ray", "optuna", "mlflow", "pyarrow")
@@ -49,8 +49,8 @@ def export(folder: str | Path, select: str = "best") -> dict[str, Any]:
 def _export_study(folder: Path, select: str) -> dict[str, Any]:
     import pandas as pd
 
-    from .search import best_row
-    from .study import load_study
+    from lcl_tune.adapters.study_runner import best_row
+    from lcl_tune.schema.study import load_study
 
     if select != "best":
         raise ConfigError("--select", f"{select!r} ranks arms over seeds and needs an ablation folder",
@@ -82,9 +82,9 @@ def _latest_details(trial_dir: str) -> dict[str, Any]:
 
 
 def _export_ablation(folder: Path, select: str) -> dict[str, Any]:
-    from . import report as R
-    from .ablate import cells_table, load_cells
-    from .ablation import load_ablation
+    from lcl_tune.analysis import report as R
+    from lcl_tune.adapters.ablation_runner import cells_table, load_cells
+    from lcl_tune.schema.ablation import load_ablation
 
     ab = load_ablation(folder / "ablation.yaml", check_files=False)
     table = cells_table(folder)
@@ -111,7 +111,7 @@ def _export_ablation(folder: Path, select: str) -> dict[str, Any]:
 
 def _document(trial_config: dict[str, Any], kind: str, name: str, folder: Path, trial_id: str,
               selection: dict[str, Any], fingerprint: str | None) -> dict[str, Any]:
-    from .tracking import git_commit
+    from lcl_tune.adapters.tracking import git_commit
 
     run = _mlflow_run(folder, trial_id)
     provenance = {"source": kind, "name": name, "folder": str(folder), "trial_id": trial_id,
@@ -126,7 +126,7 @@ def _mlflow_run(folder: Path, trial_id: str) -> dict[str, str] | None:
     db = folder / "mlflow.db"
     if not db.is_file():
         return None
-    from . import tracking as T
+    from lcl_tune.adapters import tracking as T
 
     client = T.MlflowClient(tracking_uri=T.default_uri(folder))
     for exp in client.search_experiments():

@@ -5,7 +5,7 @@ Everything of an ablation lives in ``<storage>/<name>/``::
 
     ablation.yaml    the resolved ablation
     command.txt      every command that ran it
-    tune/<name>.<arm>/   the optional per-arm tuning studies (see lcl_tune.search)
+    tune/<name>.<arm>/   the optional per-arm tuning studies (see lcl_tune.adapters.study_runner)
     tuned.json       each arm's best parameters from its tuning phase
     cells/           one JSON per finished (arm, seed) cell: metrics, details, config, run ids
     ray/run-<time>/  the Ray experiment of each invocation that had cells to run
@@ -13,7 +13,7 @@ Everything of an ablation lives in ``<storage>/<name>/``::
 
 A rerun of the same command skips finished cells (and finished tuning phases).
 
-Adapter module: imports Ray (through :mod:`lcl_tune.search`) and MLflow.
+Adapter module: imports Ray (through :mod:`lcl_tune.adapters.study_runner`) and MLflow.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any
 
 import yaml
 
-from . import tracking as T
-from .ablation import Ablation, cell_name, cell_of
-from .config import ConfigError
-from .search import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
+from lcl_tune.adapters import tracking as T
+from lcl_tune.schema.ablation import Ablation, cell_name, cell_of
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
-from .trainable import lcl_trainable, result_details
+from lcl_tune.adapters.trainable import lcl_trainable, result_details
 
 CELL_DIR = "cells"
 
@@ -40,7 +40,7 @@ CELL_DIR = "cells"
 def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, address: str | None = None,
                  tracking_uri: str | None = None, command: str | None = None) -> Path:
     """Run every unfinished cell of ``ab`` (after each arm's tuning phase, if any), then write the
-    report. Returns the ablation folder (on the driver; see :class:`~lcl_tune.search.StudyPlace`)."""
+    report. Returns the ablation folder (on the driver; see :class:`~lcl_tune.adapters.study_runner.StudyPlace`)."""
     place = study_place(storage, ab.name)
     folder = place.folder
     _check_same_ablation(ab, folder)
@@ -112,7 +112,7 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     """One Ray experiment over ``cells`` (FIFO: ablations never stop a cell early)."""
     import ray
 
-    from .engine import prepare_trial_data
+    from lcl_tune.core.engine import prepare_trial_data
 
     _init_ray(address)
     check_resources(ab, ray.cluster_resources())
@@ -195,7 +195,7 @@ def cells_table(folder: Path):
 def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | None = None,
                           arm_targets: dict[str, T.TrackingTarget] | None = None) -> dict[str, Path]:
     """The statistics report (Markdown, LaTeX, CSV, plot), printed and logged to MLflow."""
-    from . import report as R
+    from lcl_tune.analysis import report as R
 
     table = cells_table(folder)
     if not len(table):
@@ -217,7 +217,7 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
 def log_report_to_mlflow(rep: Any, ab: Ablation, table: Any, top: T.TrackingTarget,
                          arm_targets: dict[str, T.TrackingTarget], artifacts: list[Path]) -> None:
     """Arm runs get their mean/std/CI and cost totals; the ablation run gets the tables and plot."""
-    from . import report as R
+    from lcl_tune.analysis import report as R
 
     arms = R.arm_metrics(rep)
     for arm, target in arm_targets.items():

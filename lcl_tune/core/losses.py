@@ -4,7 +4,7 @@ LCL is the loss of Suresh & Ong (EMNLP 2021), "Not All Negatives are Equal: Labe
 Loss for Fine-grained Text Classification", written the way the authors' code computes it. With
 ``z`` the L2-normalised features, ``s_ij = z_i . z_j / tau``, ``A(i) = {j != i}``,
 ``P(i) = {p in A(i) : y_p = y_i}`` and ``w_i`` the class-probability vector of row ``i`` (from a
-"weighting network", see :mod:`lcl_tune.weighting`)::
+"weighting network", see :mod:`lcl_tune.core.weighting`)::
 
     l_i = -(w_{i,y_i} / |P(i)|) * sum_{p in P(i)} [ s_ip - log sum_{a in A(i)} w_{i,y_a} exp(s_ia) ]
 

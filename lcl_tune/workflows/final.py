@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from .config import TrialConfig
+from lcl_tune.schema.trial import TrialConfig
 
 
 def save_model(trainer: Any, folder: Path) -> Path:
     """``folder/encoder`` (save_pretrained), ``folder/tokenizer``, ``head.pt`` (state dict),
     ``labels.json``, ``config.yaml``: everything needed to classify with the model again."""
-    from .model import load_tokenizer
+    from lcl_tune.core.model import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     trainer.model.encoder.save_pretrained(folder / "encoder")
@@ -35,7 +35,7 @@ def save_model(trainer: Any, folder: Path) -> Path:
 def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
                 provenance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` once per seed (default: its own); returns one summary per seed."""
-    from .engine import Trainer, prepare_trial_data
+    from lcl_tune.core.engine import Trainer, prepare_trial_data
 
     data, w_data = prepare_trial_data(cfg)
     summaries = []
@@ -60,7 +60,7 @@ def log_final_run(cfg: TrialConfig, summary: dict[str, Any], folder: Path,
                   provenance: dict[str, Any] | None) -> dict[str, str] | None:
     """A ``final`` run in the experiment the config was exported from (linked by the
     ``lcl_tune.exported_from`` tag), or in ``folder/mlflow.db`` when there is no source store."""
-    from . import tracking as T
+    from lcl_tune.adapters import tracking as T
 
     source = (provenance or {}).get("mlflow") or {}
     uri = source.get("tracking_uri") or T.default_uri(folder.parent)

@@ -2,7 +2,7 @@
 
 Two stages, kept apart on purpose:
 
-* :func:`load_raw` turns a :class:`~lcl_tune.config.DataConfig` (a preset, a hub id or local files)
+* :func:`load_raw` turns a :class:`~lcl_tune.schema.trial.DataConfig` (a preset, a hub id or local files)
   into plain texts and integer labels, with the dev carving and subsampling fixed by
   ``data.split_seed`` only, so every trial of a study sees exactly the same rows.
 * :func:`prepare_data` tokenises once per (data, tokenizer, max_length) and caches the result as
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import ConfigError, DataConfig, file_format
+from lcl_tune.schema.trial import ConfigError, DataConfig, file_format
 
 CACHE_FORMAT = "lcl_tune-tokenized-v1"
 """Part of every cache key: bump it when the cache layout changes so stale caches are ignored."""

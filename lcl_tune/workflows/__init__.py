@@ -1,0 +1,1 @@
+"""Workflows built on the adapters: export of the selected configuration, final training."""

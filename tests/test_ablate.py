@@ -74,7 +74,7 @@ def test_mlflow_holds_the_three_level_tree(ablation):
     from mlflow.tracking import MlflowClient
 
     _, _, folder, _ = ablation
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}")  # the storage root's store
     exp = client.get_experiment_by_name("abl")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     by_role = {}

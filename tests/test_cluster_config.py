@@ -233,17 +233,23 @@ def test_mlflow_server_port_and_host(tmp_path):
 def test_gpu_worker_type_must_declare_its_gpus(tmp_path):
     path = broken_text(tmp_path, 'resources: {"CPU": 8, "GPU": 1}', 'resources: {"CPU": 8}')
     only(check(path), f"available_node_types.{WORKER}.resources.GPU:", "does not declare its GPUs",
-         "g5.2xlarge has 1 GPU")
+         '"GPU": 1')
 
 
-def test_gpu_count_must_match_the_instance(tmp_path):
-    path = broken_text(tmp_path, 'resources: {"CPU": 48, "GPU": 4}', 'resources: {"CPU": 48, "GPU": 1}')
-    only(check(path), "available_node_types.gpu_worker_4x_a10g.resources.GPU:", "declares 1 GPU but g5.12xlarge has 4")
+def test_gpu_workers_are_the_types_that_declare_gpus(tmp_path):
+    """No instance catalogue: a g5 machine that declares no GPU (and has no "gpu" in its name) is no GPU worker."""
+    def edit(tree):
+        types = tree["available_node_types"]
+        for name in (WORKER, "gpu_worker_4x_a10g"):
+            types[name.replace("gpu_", "")] = types.pop(name)
+            types[name.replace("gpu_", "")]["resources"].pop("GPU")
+    only(check(broken_tree(tmp_path, edit)), "available_node_types:", "no GPU worker type",
+         "none declares resources: {GPU: n}")
 
 
-def test_head_must_be_a_cpu_node(tmp_path):
-    path = broken_text(tmp_path, "InstanceType: m5.2xlarge", "InstanceType: g5.2xlarge")
-    only(check(path), "available_node_types.head_cpu:", "is a GPU machine")
+def test_head_must_not_declare_gpus(tmp_path):
+    path = broken_text(tmp_path, 'resources: {"CPU": 0}', 'resources: {"CPU": 0, "GPU": 1}')
+    only(check(path), "available_node_types.head_cpu:", "declares GPUs", "trials go to the GPU workers")
 
 
 def test_one_gpu_type_must_keep_a_node(tmp_path):

@@ -278,16 +278,19 @@ def test_fingerprint_is_stable_across_processes():
 # ---------------------------------------------------------------------------------- tokenisation cache
 
 
-def test_cache_hit_never_calls_the_tokenizer(tokenizer, cache_dir, capsys):
+def test_cache_hit_never_calls_the_tokenizer(tokenizer, cache_dir, caplog):
     d = DataConfig(train_file="unused.csv", cache_dir=str(cache_dir))
     raw = toy_raw()
     tok = CountingTokenizer(tokenizer)
-    first = D.prepare_data(d, tok, 16, raw=raw)
-    assert tok.calls > 0 and "tokenising train: 40 rows ... done in" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="lcl_tune"):
+        first = D.prepare_data(d, tok, 16, raw=raw)
+    assert tok.calls > 0 and "tokenised train: 40 rows in" in caplog.text
+    caplog.clear()
     calls = tok.calls
-    second = D.prepare_data(d, tok, 16, raw=raw)
+    with caplog.at_level("INFO", logger="lcl_tune"):
+        second = D.prepare_data(d, tok, 16, raw=raw)
     assert tok.calls == calls  # nothing tokenised on the hit
-    assert f"cache hit {first.cache_key}" in capsys.readouterr().err
+    assert f"cache hit {first.cache_key}" in caplog.text
     assert second.cache_key == first.cache_key and second.fingerprint == raw.fingerprint()
     for name in ("train", "dev", "test"):
         a, b = getattr(first, name), getattr(second, name)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcl_tune.schema import trial as C
-from lcl_tune.schema.trial import WEIGHTING_NAMES
+from lcl_tune.schema.trial import WEIGHTING_ENCODERS, WEIGHTING_NAMES
 from lcl_tune.core.engine import Trainer, linear_schedule
 from lcl_tune.core.metrics import classification_metrics
 from lcl_tune.core.weighting import REGISTRY
@@ -38,7 +38,45 @@ def tiny_cfg(shared_datasets, cache_dir, minilm_path):
 
 
 def test_registry_matches_config_names():
-    assert tuple(REGISTRY) == WEIGHTING_NAMES
+    assert tuple(REGISTRY)[:len(WEIGHTING_NAMES)] == WEIGHTING_NAMES
+    assert {name: cls.has_encoder for name, cls in REGISTRY.items()} == WEIGHTING_ENCODERS
+
+
+@pytest.fixture()
+def sharpened_weighting():
+    """A weighting network registered from outside the package, removed again afterwards."""
+    from lcl_tune.core.weighting import WeightingNetwork, WeightOutput, register
+
+    @register
+    class Sharpened(WeightingNetwork):
+        """The main classifier's detached softmax at temperature ``1 - ema_alpha`` (a made-up choice)."""
+
+        name, cost = "sharpened", "free"
+
+        def __init__(self, num_labels: int, temperature: float):
+            super().__init__(num_labels)
+            self.temperature = temperature
+
+        @classmethod
+        def build(cls, cfg, num_labels, num_examples, make_classifier):
+            return cls(num_labels, 1.0 - cfg.ema_alpha)
+
+        def forward(self, batch, main_logits, lam):
+            return WeightOutput(torch.softmax(main_logits.detach().float() / self.temperature, dim=-1))
+
+    yield Sharpened
+    REGISTRY.pop("sharpened")
+    WEIGHTING_ENCODERS.pop("sharpened")
+
+
+def test_a_registered_weighting_network_is_validated_built_and_trained(tiny_cfg, sharpened_weighting):
+    """The registry is the extension point: no special case per name in the schema or the engine."""
+    trainer = Trainer(tiny_cfg(weighting__name="sharpened", weighting__ema_alpha=0.5, loss__lam=0.5), progress=False)
+    assert isinstance(trainer.weighting, sharpened_weighting) and trainer.weighting.temperature == 0.5
+    parts = trainer.train_step(np.arange(16))
+    assert math.isfinite(parts["loss"]) and parts["contrastive"] != 0.0
+    with pytest.raises(C.ConfigError, match="did you mean 'sharpened'"):
+        tiny_cfg(weighting__name="sharpend")
 
 
 def test_training_lowers_the_training_loss(tiny_cfg):
@@ -184,9 +222,10 @@ def test_fixed_padding_and_fused_optimizer_train(tiny_cfg):
     assert math.isfinite(trainer.train_step(np.arange(16))["loss"])
 
 
-def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_cfg):
-    with pytest.warns(UserWarning, match="bf16"):
+def test_bf16_on_cpu_warns_and_trains_in_fp32(tiny_cfg, caplog):
+    with caplog.at_level("WARNING", logger="lcl_tune"):
         trainer = Trainer(tiny_cfg(train__precision="bf16"), progress=False)
+    assert "train.precision=bf16 runs on CUDA only" in caplog.text
     assert not trainer.use_bf16
     assert math.isfinite(trainer.train_step(np.arange(16))["loss"])
 

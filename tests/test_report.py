@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -236,8 +240,11 @@ def test_confused_pairs_show_reduced_confusion_with_both_rates(class_report):
     assert fixed["rate_diff"] == pytest.approx(-0.2)
     assert fixed["count"] == 2 and fixed["support"] == 20  # pooled over the 2 seeds
     assert fixed["baseline_rank"] == 1
-    md = to_markdown(class_report)
-    assert "joy → optimism | 2 / 20 | 0.1000 | 0.3000 | -0.2000" in md
+    header, *rows = md_table(to_markdown(class_report), "### lcl")
+    assert header == ["true → predicted", "count / support", "rate", "ce rate", "Δ rate", "rank (lcl / ce)"]
+    assert ["joy → optimism", "2 / 20", "0.1000", "0.3000", "-0.2000", "2 / 1"] in rows
+    base_header, *base_rows = md_table(to_markdown(class_report), "### ce (baseline)")
+    assert base_header[-1] == "rank" and base_rows == [["joy → optimism", "6 / 20", "0.3000", "1"]]
 
 
 # ------------------------------------------------------------------------------------------- best arm
@@ -277,25 +284,98 @@ def test_cells_from_table_round_trip(report):
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def test_markdown_has_arms_and_design_sentence(report):
+def md_table(md: str, heading: str) -> list[list[str]]:
+    r"""The pipe table right after ``heading`` as [header, *rows] of stripped cells (the alignment
+    row dropped). Splits on unescaped pipes only, so an escaped ``\|`` stays inside its cell."""
+    block = md.split(f"\n{heading}\n\n", 1)[1].split("\n\n", 1)[0]
+    lines = block.strip().splitlines()
+    assert re.fullmatch(r"\|:-+(\|-+:)+\|", lines[1]), lines[1]  # names left, numbers right
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in [lines[0], *lines[2:]]]
+
+
+def test_markdown_metric_table(report):
     md = to_markdown(report, metric_order=["macro_f1", "accuracy"])
     assert "Baseline: **ce**" in md and "Paired design" in md and "Seeds: 0, 1, 2 (3 seeds)" in md
-    for arm in ("ce (baseline)", "| scl |", "| lcl_self |"):
-        assert arm in md
     assert md.index("## Macro-F1") < md.index("## Accuracy") and "## Weighted-F1" not in md
+    header, *rows = md_table(md, "## Accuracy")
+    assert header == ["arm", "n", "mean ± std", "95% CI", "Δ vs ce [95% CI]", "n paired",
+                      "p t-test (Holm)", "p Wilcoxon (Holm)"]
+    assert [r[0] for r in rows] == ["ce (baseline)", "scl", "lcl_self"]
+    base, scl = rows[0], rows[1]
+    assert base[4:] == ["—"] * 4  # the baseline is not compared with itself
     r = row(report, "scl", "accuracy")
-    assert f"{r['mean']:.4f} ± {r['std']:.4f}" in md
+    assert scl[1:4] == ["3", f"{r['mean']:.4f} ± {r['std']:.4f}", f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"]
+    assert scl[4] == f"{r['diff']:+.4f} [{r['diff_ci_low']:+.4f}, {r['diff_ci_high']:+.4f}]"
+    assert scl[5:] == ["3", f"{r['p_ttest']:.3f} ({r['p_ttest_holm']:.3f})",
+                       f"{r['p_wilcoxon']:.3f} ({r['p_wilcoxon_holm']:.3f})"]
+
+
+def test_markdown_keeps_trailing_zeros_and_dashes_missing_values():
+    rep = summarise(make_cells(VALUES, seeds=[7]), baseline="ce")  # one seed: no std, no CI, no p
+    md = to_markdown(rep)
+    _, base, scl, _ = md_table(md, "## Accuracy")
+    assert scl[2:7] == ["0.8200 ± —", "—", "+0.0200 —", "1", "— (—)"]  # (Wilcoxon: scipy's p for n = 1)
+    header, *rows = md_table(md, "## Per-class F1 (Δ vs baseline, paired over seeds)")
+    assert header == ["class", "ce F1", "Δ scl", "Δ lcl_self"]
+    assert rows[0] == ["joy", "0.8000", "+0.0000", "+0.0000"]  # not re-read as numbers ("0.8")
+
+
+ODD = {"ce": VALUES["ce"], "a|b_c&d": VALUES["scl"], "x%y~z": VALUES["lcl_self"]}
+
+
+def test_markdown_escapes_pipes_in_names():
+    md = to_markdown(summarise(make_cells(ODD), baseline="ce"))
+    _, *rows = md_table(md, "## Accuracy")
+    assert [r[0] for r in rows] == ["ce (baseline)", r"a\|b_c&d", "x%y~z"]
+    assert {len(r) for r in rows} == {8}  # the pipe did not split the row
+    header, *_ = md_table(md, "## Per-class F1 (Δ vs baseline, paired over seeds)")
+    assert header[2] == r"Δ a\|b_c&d"
 
 
 def test_latex_booktabs_and_escaping(report):
     tex = to_latex(report)
-    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}{lrccccccccc}", r"\end{tabular}"):
         assert tex.count(rule) == 1
+    assert r"\cmidrule(lr){3-5} \cmidrule(lr){6-8} \cmidrule(lr){9-11}" in tex
+    assert r"\multicolumn{3}{c}{Macro-F1}" in tex
     assert r"lcl\_self" in tex and "lcl_self" not in tex
-    best = best_arm(report, "macro_f1")
-    assert best == "lcl_self" and r"\mathbf{" in tex
+    head = tex.split(r"\midrule")[0].strip().splitlines()[-1]
+    assert head.startswith(r"Arm & $n$ & mean $\pm$ std & $\Delta$ & $p_t$ / $p_W$ &")
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
-    assert len(body) == 3 and all(line.count("&") == 2 + 3 * 3 - 1 for line in body)
+    assert len(body) == 3 and all(line.count("&") == 2 + 3 * 3 - 1 and line.endswith(r"\\") for line in body)
+    base, scl, lcl = ([c.strip() for c in line.removesuffix(r"\\").split("&")] for line in body)
+    assert base[:2] == ["ce (baseline)", "3"] and base[3:5] == ["--", "--"]
+    r = row(report, "scl", "accuracy")
+    assert scl[2:5] == [f"${r['mean']:.3f} \\pm {r['std']:.3f}$", f"${r['diff']:+.3f}$",
+                        f"{r['p_ttest_holm']:.3f} / {r['p_wilcoxon_holm']:.3f}"]
+    assert best_arm(report, "macro_f1") == "lcl_self"  # best mean bold, nowhere else
+    assert lcl[5].startswith(r"$\mathbf{") and r"\mathbf" not in " ".join(base + scl)
+
+
+def test_latex_escapes_arm_and_metric_names():
+    cells = [Cell(c.arm, c.seed, {**c.metrics, "my_metric&x": 0.5}, {}, [], []) for c in make_cells(ODD)]
+    tex = to_latex(summarise(cells, baseline="ce", metrics=("accuracy", "my_metric&x")))
+    assert r"a|b\_c\&d &" in tex and r"x\%y\textasciitilde z &" in tex
+    assert r"\multicolumn{3}{c}{my\_metric\&x}" in tex
+    assert r"\Delta" in tex and r"\$" not in tex  # the cells' math is not escaped
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_latex_compiles_in_article_with_booktabs(report, tmp_path):
+    table = to_latex(summarise(make_cells(ODD), baseline="ce")) + to_latex(report)
+    doc = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + table + "\\end{document}\n"
+    (tmp_path / "t.tex").write_text(doc)
+    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert (tmp_path / "t.pdf").stat().st_size > 1000
+
+
+def test_module_imports_no_ray_mlflow_optuna():
+    code = ("import sys, lcl_tune.analysis.report; "
+            "print(sorted({'ray', 'mlflow', 'optuna'} & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_write_report_writes_all_files_atomically(report, tmp_path):

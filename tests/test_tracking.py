@@ -25,40 +25,64 @@ def target(tmp_path) -> T.TrackingTarget:
 def test_store_experiment_and_parent_are_created_once(tmp_path):
     folder = tmp_path / "study"
     first = T.start_study("unit", folder)
-    assert (folder / "mlflow.db").is_file()  # created by the driver, before any trial
+    assert (tmp_path / "mlflow.db").is_file()  # the storage root's store, created by the driver before any trial
     again = T.start_study("unit", folder)  # a resumed study finds its parent run again
     assert again == first
     other = T.start_study("unit", tmp_path / "elsewhere")  # same name, other folder: other study
     assert other.parent_run_id != first.parent_run_id
 
 
-def test_new_sqlite_stores_are_copies_of_a_migrated_template(tmp_path, monkeypatch):
-    import sqlite3
+def test_studies_of_one_root_share_one_store_with_an_experiment_each(tmp_path):
+    a = T.start_study("study-a", tmp_path / "study-a")
+    b = T.start_study("study-b", tmp_path / "study-b", kind="ablation")
+    assert a.uri == b.uri == T.default_uri(tmp_path) and a.experiment_id != b.experiment_id
+    assert not (tmp_path / "study-a" / "mlflow.db").exists() and not (tmp_path / "study-b" / "mlflow.db").exists()
+    client = a.client()
+    assert {e.name for e in client.search_experiments()} >= {"study-a", "study-b"}
+    assert client.get_experiment(a.experiment_id).artifact_location == (tmp_path / "mlartifacts" / "study-a").as_uri()
+    assert T.study_experiment(client, tmp_path / "study-b") == b.experiment_id  # found by folder, not by name
+    assert T.find_store(tmp_path) == T.find_store(tmp_path / "study-a") == tmp_path.resolve()
 
-    monkeypatch.setattr(T, "store_template_dir", lambda: tmp_path / "templates")
-    monkeypatch.chdir(tmp_path)
-    fresh = T.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'fresh.db'}")  # what MLflow makes itself
-    fresh.search_experiments()
-    assert T.seed_sqlite_store(tmp_path / "a" / "mlflow.db")  # makes the template, then copies it
-    assert T.seed_sqlite_store(tmp_path / "b" / "mlflow.db")  # copies it
-    assert not T.seed_sqlite_store(tmp_path / "b" / "mlflow.db")  # never overwrites a store
-    assert len(list((tmp_path / "templates").iterdir())) == 1  # no temporary files left behind
 
-    def dump(db: Path) -> tuple:
-        with sqlite3.connect(db) as con:
-            # constraint order inside a CREATE TABLE varies between two migrations by MLflow itself
-            schema = [(kind, name, sorted((sql or "").replace(",", "").split("\n")))
-                      for kind, name, sql in con.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name")]
-            version = con.execute("SELECT * FROM alembic_version").fetchall()
-            default = con.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments"
-                                  ).fetchall()
-        return schema, version, default
+def test_a_study_folder_with_its_own_store_keeps_using_it(tmp_path):
+    """Folders made before stores were shared hold their own mlflow.db: --resume keeps logging there."""
+    folder = tmp_path / "old-study"
+    legacy = T.start_study("old", folder, uri=T.default_uri(folder))
+    assert T.store_root(folder) == folder.resolve() and T.find_store(folder) == folder.resolve()
+    resumed = T.start_study("old", folder)
+    assert resumed == legacy and not (tmp_path / "mlflow.db").exists()
 
-    assert dump(tmp_path / "b" / "mlflow.db") == dump(tmp_path / "fresh.db")
-    target = T.start_study("unit", tmp_path / "b")  # a seeded store works as a store
-    run = T.TrialRun(target, "t1", {"a": 1})
-    run.log_report({"dev/accuracy": 0.5}, step=1)
-    assert T.child_runs(target)[0].data.metrics["dev/accuracy"] == 0.5
+
+WRITER = """
+import sys
+from pathlib import Path
+from lcl_tune.adapters import tracking as T
+root, name, trials, steps = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+target = T.start_study(name, root / name)
+for i in range(trials):
+    run = T.TrialRun(target, f"{name}-t{i}", {"seed": i})
+    for step in range(steps):
+        run.log_report({"dev/accuracy": step / steps, "train/loss": 1.0 / (step + 1)}, step)
+"""
+
+
+def test_two_studies_writing_to_one_new_root_at_once_lose_no_run_or_metric(tmp_path):
+    """Two drivers start on a root with no store yet (the migration runs once, under a lock), then
+    their trials log at the same time into the one SQLite file."""
+    trials, steps = 4, 15
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), name, str(trials), str(steps)],
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    client = T.MlflowClient(tracking_uri=T.default_uri(tmp_path))
+    for name in ("a", "b"):
+        exp_id = T.study_experiment(client, tmp_path / name)
+        runs = [r for r in client.search_runs([exp_id]) if r.data.tags.get(T.TAG_ROLE) == "trial"]
+        assert sorted(r.data.tags[T.TAG_TRIAL] for r in runs) == [f"{name}-t{i}" for i in range(trials)]
+        for run in runs:
+            for key in ("dev/accuracy", "train/loss"):
+                assert len(client.get_metric_history(run.info.run_id, key)) == steps
 
 
 def test_a_trial_has_exactly_one_run_across_retries(target):

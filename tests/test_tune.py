@@ -54,8 +54,13 @@ def study_tree(cache_dir: Path, **over) -> dict:
     return tree
 
 
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: LCL_TUNE_FAIL_WHEN fault injection
+
+
 def cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     full_env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    if "LCL_TUNE_FAIL_WHEN" in full_env:  # every process of the study (Ray's workers too) loads the faults
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), full_env.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", *args], env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -154,7 +159,7 @@ def test_best_metric_is_the_best_so_far(study_run):
 def mlflow_runs(folder: Path, name: str):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}")  # the storage root's store
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("lcl_tune.role") == "study"]
@@ -309,7 +314,7 @@ def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path):
     remote = tmp_path / "bucket"
     finish(cli("tune", str(space), "--storage", f"file://{remote}", cwd=tmp_path))
     local = tmp_path / "lcl_runs" / "remote"
-    assert (local / "results.parquet").is_file() and (local / "mlflow.db").is_file()
+    assert (local / "results.parquet").is_file() and (local.parent / "mlflow.db").is_file()  # the root store
     assert (remote / "remote" / "results.parquet").is_file() and (remote / "remote" / "optuna.journal").is_file()
     assert len(list((remote / "remote" / "ray").glob("lcl_trainable_*/checkpoint_*"))) >= 2
     table = pd.read_parquet(local / "results.parquet")

@@ -1,6 +1,7 @@
 """``lcl-tune ui``: bad input fails before anything starts, the server binds loopback only and stops
-on Ctrl-C, a child run's artifacts load, and a real browser shows the parent run with its nested
-trial runs.
+on Ctrl-C, a child run's artifacts load, a real browser shows the parent run with its nested trial
+runs, a storage root shows every study as an experiment, and a legacy study folder with its own
+store still opens.
 
 The study is written with :mod:`lcl_tune.adapters.tracking` directly (no Ray, no training): seconds, not
 minutes. Every server a test starts is stopped in a ``finally`` or fixture teardown.
@@ -27,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.cli.main import main as cli_main
 from lcl_tune.schema.trial import ConfigError, TrialConfig
-from lcl_tune.cli.ui import Store, UIServer, check_port, free_port, resolve_store, serve, server_command, start_ui
+from lcl_tune.cli.ui import UIServer, resolve_store, serve, server_command, start_ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -110,9 +112,18 @@ def _one_line_error(call) -> str:
     return msg
 
 
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def test_serve_rejects_bad_input_before_starting_anything(tmp_path, study, capsys):
     msg = _one_line_error(lambda: serve(study_dir=str(tmp_path), tracking_uri=None))
     assert msg.startswith("study_dir: ") and str(tmp_path.resolve()) in msg and "mlflow.db" in msg
+    msg = _one_line_error(lambda: serve(study_dir=str(study.folder) + "x", tracking_uri=None))  # a typo
+    assert "does not exist" in msg and f"did you mean {study.folder.name}?" in msg
+    assert "not a URI" in _one_line_error(lambda: serve(study_dir=None, tracking_uri=str(study.folder)))
     assert "exactly one" in _one_line_error(lambda: serve(study_dir=str(study.folder), tracking_uri=study.target.uri))
     assert "neither" in _one_line_error(lambda: serve(study_dir=None, tracking_uri=None))
     msg = _one_line_error(lambda: serve(study_dir=None, tracking_uri=f"sqlite:///{tmp_path}/missing.db"))
@@ -125,26 +136,45 @@ def test_serve_rejects_bad_input_before_starting_anything(tmp_path, study, capsy
     assert err.startswith("error: study_dir: ") and "\n" not in err
 
 
-def test_port_in_use_is_a_config_error():
+def test_port_in_use_is_a_config_error(study):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        msg = _one_line_error(lambda: check_port("127.0.0.1", port))
+        msg = _one_line_error(lambda: start_ui(study.folder, port=port, timeout=5))
     assert msg.startswith("--port: ") and str(port) in msg
 
 
-def test_server_flags_keep_artifacts_in_the_study_and_allow_the_real_host_name_when_exposed(study):
-    store = Store(T.default_uri(study.folder), study.folder)
-    local = server_command(store, "127.0.0.1", 5000)
-    artifacts = (study.folder / "mlartifacts").as_uri()
+def test_exposing_the_ui_warns_that_it_has_no_authentication(study, capsys):
+    """The warning comes before anything starts. The port is taken (bound, never listening: nothing is
+    reachable), so no server is ever started on 0.0.0.0."""
+    def warnings_for(host: str) -> list[str]:
+        with socket.socket() as busy:
+            busy.bind((host, 0))
+            port = busy.getsockname()[1]
+            msg = _one_line_error(lambda: serve(str(study.folder), None, host=host, port=port))
+        assert msg.startswith("--port: ") and str(port) in msg
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+
+    (warning,) = warnings_for("0.0.0.0")
+    assert "--host 0.0.0.0" in warning and "no authentication" in warning and "read, edit and delete runs" in warning
+    assert warnings_for("127.0.0.1") == []
+
+
+def test_server_flags_keep_artifacts_in_the_store_and_allow_the_real_host_name_when_exposed(study):
+    root = study.folder.parent  # the storage root: its shared store holds the study
+    uri, folder, asked = resolve_store(str(study.folder), None)
+    assert (uri, folder, asked) == (T.default_uri(root), root, study.folder)
+    local = server_command(uri, folder, "127.0.0.1", 5000)
+    artifacts = (root / "mlartifacts").as_uri()
+    assert local[local.index("--backend-store-uri") + 1] == f"sqlite:///{root / 'mlflow.db'}"
     assert local[local.index("--host") + 1] == "127.0.0.1" and local[local.index("--workers") + 1] == "1"
     assert local[local.index("--default-artifact-root") + 1] == artifacts
     assert local[local.index("--artifacts-destination") + 1] == artifacts
     assert "--allowed-hosts" not in local  # MLflow's defaults already allow loopback
 
-    assert resolve_store(None, T.default_uri(study.folder)) == store  # --tracking-uri sqlite:///... serves the same
-    exposed = server_command(store, "0.0.0.0", 5000)
+    assert resolve_store(None, uri) == (uri, root, None)  # --tracking-uri sqlite:///... serves the same store
+    exposed = server_command(uri, folder, "0.0.0.0", 5000)
     hosts = exposed[exposed.index("--allowed-hosts") + 1].split(",")
     origins = exposed[exposed.index("--cors-allowed-origins") + 1].split(",")
     name = socket.gethostname()
@@ -198,9 +228,11 @@ def _kill_servers_on(port: int) -> None:
 
 
 def test_cli_ui_binds_loopback_prints_the_runs_url_and_stops_on_ctrl_c(study):
-    port = free_port()
+    port = _free_port()
+    # started the way a shell without job control starts a background job: with SIGINT ignored
     proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "ui", str(study.folder), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     errors: list[str] = []  # drained all along: a full stderr pipe would block the child's shutdown
@@ -219,7 +251,7 @@ def test_cli_ui_binds_loopback_prints_the_runs_url_and_stops_on_ctrl_c(study):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
             assert resp.status == 200
 
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: it stops the UI even though it started ignored
         assert proc.wait(timeout=90) == 0  # graceful stop, or a kill after ui.STOP_TIMEOUT_S
         time.sleep(0.5)  # let the reader thread collect the last lines
         assert "stopping the MLflow UI" in "".join(errors), "".join(errors)[-2000:]
@@ -250,7 +282,7 @@ def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
     run_id = study.child_run_ids[0]
     status, _, body = _get(f"{ui.url}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run_id}")
     listing = json.loads(body)
-    assert status == 200 and listing["root_uri"].startswith((study.folder / "mlartifacts").as_uri())
+    assert status == 200 and listing["root_uri"].startswith((study.folder.parent / "mlartifacts").as_uri())
     assert {f["path"] for f in listing["files"]} >= {"config.yaml", "confusion_matrix.png", "confusion_matrix.json",
                                                      "per_class_f1.csv"}
     status, kind, png = _get(f"{ui.url}/get-artifact?path=confusion_matrix.png&run_uuid={run_id}")
@@ -262,10 +294,11 @@ def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
 
 
 def test_serve_points_at_a_running_server_without_starting_one(ui, study, capsys):
-    handle = serve(study_dir=None, tracking_uri=ui.url, block=False)
+    assert serve(study_dir=None, tracking_uri=ui.url) == 0  # prints its URLs and returns: nothing to wait for
+    assert f"runs  {ui.runs_url}" in capsys.readouterr().out
+    handle = start_ui(tracking_uri=ui.url)
     assert isinstance(handle, UIServer) and handle.process is None
     assert handle.runs_url == ui.runs_url  # the study's experiment, found through the server
-    assert f"runs  {ui.runs_url}" in capsys.readouterr().out
     handle.stop()  # nothing to stop: must not touch the server it points at
     assert ui.running
 
@@ -334,7 +367,10 @@ class Chromium:
         return json.loads(message)
 
     def js(self, expression: str):
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+        reply = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in reply:  # a typo in a test's expression fails at once, not as a timeout
+            raise RuntimeError(f"{expression}: {reply['exceptionDetails'].get('exception', {}).get('description')}")
+        return reply["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30.0, what: str = ""):
         deadline = time.monotonic() + timeout
@@ -440,3 +476,74 @@ def test_browser_shows_the_parent_run_with_its_nested_trial_runs(ui, study):
 
     assert png.stat().st_size > 10_000
     assert _png_size(png) == (1400, 900)
+
+
+# --------------------------------------------------------------------------------------------
+# A storage root: one store, one experiment per study; a legacy study folder with its own store
+# --------------------------------------------------------------------------------------------
+
+
+# {href: text} of the links to experiments (the experiments list links each by its name)
+EXPERIMENT_LINKS = ("Object.fromEntries([...document.querySelectorAll('a[href*=\"/experiments/\"]')]"
+                    ".map(a => [a.getAttribute('href'), a.innerText.trim()]))")
+
+
+@pytest.mark.slow
+def test_a_storage_root_shows_every_study_as_an_experiment_in_the_browser(tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does) to run the browser test")
+    root = tmp_path / "lcl_runs"
+    studies = [make_study(root / name, name, trials=TRIALS[:2]) for name in ("quickstart-a", "quickstart-b")]
+    a, b = studies
+    assert a.target.uri == b.target.uri == T.default_uri(root) and a.target.experiment_id != b.target.experiment_id
+
+    with start_ui(root, port=0) as ui:
+        assert (root / "mlflow_ui.log").is_file()  # the server's log, next to the store
+        assert ui.runs_url == f"{ui.url}/#/experiments"  # a root: the experiments list
+        browser = Chromium()
+        try:
+            browser.call("Page.navigate", url=ui.runs_url)
+            want = json.dumps({f"#/experiments/{s.target.experiment_id}": s.parent_name for s in studies})
+            browser.wait_for(f"(() => {{ const l = {EXPERIMENT_LINKS}; return Object.entries({want}).every("
+                             "([href, name]) => l[href] === name) })()", 60, f"a link to each study's experiment {want}")
+            off_machine = [u for u in browser.requests if not u.startswith((ui.url, "data:", "blob:", "about:"))]
+            assert off_machine == [], off_machine
+        finally:
+            browser.close()
+    assert not ui.running
+
+    # one study folder of the root: the same store, and that study's runs table
+    with start_ui(root / "quickstart-a", port=0) as ui:
+        assert ui.runs_url == f"{ui.url}/#/experiments/{a.target.experiment_id}/runs"
+        browser = Chromium()
+        try:
+            seed_view(browser, ui.runs_url, STUDY_COLUMNS)
+            browser.call("Page.navigate", url=ui.runs_url)
+            parent = json.dumps(a.parent_name)
+            seen = browser.wait_for(f"(() => {{ const l = {RUN_LINKS}; return l.includes({parent}) && l }})()", 60,
+                                    f"the parent run {a.parent_name!r}")
+            assert b.parent_name not in seen, seen  # the other study is another experiment
+        finally:
+            browser.close()
+
+
+def test_a_legacy_study_folder_with_its_own_store_still_opens(tmp_path):
+    """A study folder from before stores were shared keeps its runs in its own mlflow.db; it opens on
+    that store even when its storage root has a shared store of its own."""
+    legacy = tmp_path / "old-study"
+    legacy.mkdir()
+    T.start_study("old-study", legacy, uri=T.default_uri(legacy))  # the store inside the study folder
+    old = make_study(legacy, "old-study", trials=TRIALS[:1])  # found again: more runs in the same store
+    assert old.target.uri == T.default_uri(legacy)
+    make_study(tmp_path / "new-study", "new-study", trials=TRIALS[:1])  # the root's shared store
+    assert (tmp_path / "mlflow.db").is_file()
+
+    with start_ui(legacy, port=0) as ui:
+        assert ui.runs_url == f"{ui.url}/#/experiments/{old.target.experiment_id}/runs"
+        names = {e.name for e in MlflowClient(ui.url).search_experiments()}
+        assert names == {"Default", "old-study"}, names  # its own store, not the root's
+        _, _, body = _get(f"{ui.url}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={old.child_run_ids[0]}")
+        listing = json.loads(body)
+        assert listing["root_uri"].startswith((legacy / "mlartifacts").as_uri())
+        assert "per_class_f1.csv" in {f["path"] for f in listing["files"]}
+        assert (legacy / "mlflow_ui.log").is_file()

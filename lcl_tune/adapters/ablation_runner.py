@@ -33,6 +33,7 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
+from lcl_tune.util import log, write_json
 
 CELL_DIR = "cells"
 
@@ -53,12 +54,12 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
     arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
     if ab.tune:
-        tune_arms(ab, place, address, tracking_uri)
+        tune_arms(ab, place, address, top.uri)  # the tuning studies share the ablation's store
 
     pending = [c["cell"] for c in ab.cells() if not (folder / CELL_DIR / f"{c['cell']}.json").exists()]
     done = len(ab.cells()) - len(pending)
-    print(f"ablation {ab.name!r}: {len(ab.arms)} arms × {len(ab.seeds)} seeds = {len(ab.cells())} cells "
-          f"({done} finished, {len(pending)} to run)", file=sys.stderr)
+    log.info(f"ablation {ab.name!r}: {len(ab.arms)} arms × {len(ab.seeds)} seeds = {len(ab.cells())} cells "
+          f"({done} finished, {len(pending)} to run)")
     if pending:
         run_cells(ab, place, pending, arm_targets, address)
     write_ablation_report(ab, folder, top, arm_targets)
@@ -98,13 +99,9 @@ def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, tracking_uri
             best = best_row(table, study)
             if best is None:
                 raise RuntimeError(f"tuning arm {arm!r}: no trial finished; see {sub.folder}")
-            tuned[arm] = {p.key: _plain(best[p.key]) for p in study.params if p.active(best)}
-            path.write_text(json.dumps(tuned, indent=2))
+            tuned[arm] = {p.key: best[p.key] for p in study.params if p.active(best)}
+            write_json(path, tuned)
         ab.tuned[arm] = tuned[arm]
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: dict[str, T.TrackingTarget],
@@ -120,7 +117,7 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     configs = [ab.trial_config({"cell": c}) for c in cells]
     data = w_data = None
     if len({_data_identity(c) for c in configs}) == 1:  # every arm tokenises the same: do it once
-        needs_w = [c for c in configs if c.uses_weighting and c.weighting.name.startswith("separate")]
+        needs_w = [c for c in configs if c.uses_weighting_encoder]
         data, w_data = prepare_trial_data(needs_w[0] if needs_w else configs[0])
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=ab, data=data, w_data=w_data, tracking=arm_targets),
@@ -158,10 +155,7 @@ class CellRecorder(tune.Callback):
         record = {"arm": arm, "seed": seed, "trial_id": trial.trial_id,
                   "metrics": {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                   "details": result_details(result)}
-        path = self.folder / CELL_DIR / f"{cell_name(arm, seed)}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        write_json(self.folder / CELL_DIR / f"{cell_name(arm, seed)}.json", record, indent=1)
         self._close(trial, arm, result, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -207,8 +201,8 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
     metric = ab.metric.split("/", 1)[1]
     files["plot"] = R.plot_arms(rep, metric, out / "arms.png")
     table.to_parquet(out / "cells.parquet", index=False)
-    print("\n" + R.to_markdown(rep), file=sys.stderr)
-    print(f"report: {out / 'report.md'}", file=sys.stderr)
+    log.info("\n" + R.to_markdown(rep))
+    log.info(f"report: {out / 'report.md'}")
     if top is not None and arm_targets is not None:
         log_report_to_mlflow(rep, ab, table, top, arm_targets, list(files.values()) + [out / "cells.parquet"])
     return files

@@ -24,12 +24,11 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.trial import WEIGHTING_ENCODERS, ConfigError
 from lcl_tune.schema.study import Param, Study, load_study
 
 try:
@@ -44,6 +43,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
+from lcl_tune.util import atomic_write, log
 
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
@@ -191,7 +191,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         {"cpu": study.cpu, "gpu": study.gpu})
 
     if resume:
-        print(f"resuming study {study.name!r} from {ray_dir}", file=sys.stderr)
+        log.info(f"resuming study {study.name!r} from {ray_dir}")
         tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
         run_config = _run_config(study, place.ray_storage, verbose, [TrialOutcomes(target, study)])
@@ -275,7 +275,7 @@ def warn_gpu_memory(study: Study) -> str | None:
         return None
     warning = check_gpu_fraction(estimate_for_arch(heaviest_trial(study)), study.gpu, min(sizes) * 2**30)
     if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     return warning
 
 
@@ -299,8 +299,8 @@ def shared_data(study: Study) -> tuple[Any, Any]:
 
     probe: dict[str, Any] = {}
     for p in study.params:  # make sure a second tokenizer is prepared if any trial can need it
-        if p.key == "weighting.name" and any(str(v).startswith("separate") for v in p.values or []):
-            probe["weighting.name"] = next(v for v in p.values if str(v).startswith("separate"))
+        if p.key == "weighting.name" and any(WEIGHTING_ENCODERS.get(str(v)) for v in p.values or []):
+            probe["weighting.name"] = next(v for v in p.values if WEIGHTING_ENCODERS.get(str(v)))
         if p.key == "loss.name" and "lcl" in (p.values or []):
             probe["loss.name"] = "lcl"
         if p.key == "loss.lam":
@@ -373,7 +373,7 @@ def _warn_on_error(fn: Any, what: str) -> None:
     try:
         fn()
     except Exception as e:  # noqa: BLE001 - a tracking hiccup must not end the study
-        warnings.warn(f"{what} failed: {e}", stacklevel=2)
+        log.warning(f"{what} failed: {e}")
 
 
 def trial_error_text(trial: Any) -> str:
@@ -414,27 +414,28 @@ def _or_zero(value: Any) -> float:
 
 
 def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[Path]:
-    """Parallel coordinates of the searched parameters against the metric, and Optuna's fANOVA
-    importances (when at least two trials finished)."""
-    from lcl_tune.analysis.plots import importance_png, parallel_coordinates_png
+    """Optuna's own figures of the study in ``journal``: parallel coordinates of the searched
+    parameters against the metric, and fANOVA parameter importances (when at least two trials
+    finished and the metric varies)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.visualization import matplotlib as vis
 
-    ok = table[table["status"] != STATUS_ERRORED] if len(table) else table
-    if not len(ok):
+    from lcl_tune.analysis.plots import save_figure
+
+    ostudy = optuna.load_study(study_name=study.name, storage=JournalStorage(JournalFileBackend(str(journal))))
+    complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
         return []
-    keys = [p.key for p in study.params]
-    rows = [{k: (None if _isnan(r.get(k)) else r.get(k)) for k in keys + [study.tune_metric]} for r in ok.to_dict("records")]
-    out = [parallel_coordinates_png(rows, keys, study.tune_metric, folder / "parallel_coordinates.png",
-                                    title=f"{study.name}: {len(rows)} trials")]
+    name = study.tune_metric
+    out = [save_figure(vis.plot_parallel_coordinate(ostudy, target_name=name), folder / "parallel_coordinates.png",
+                       f"{study.name}: {len(complete)} trials")]
     try:
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        ostudy = optuna.load_study(study_name=study.name, storage=JournalStorage(JournalFileBackend(str(journal))))
-        complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(complete) >= 2:
-            out.append(importance_png(optuna.importance.get_param_importances(ostudy), folder / "importance.png"))
+            out.append(save_figure(vis.plot_param_importances(ostudy, target_name=name), folder / "importance.png",
+                                   f"{study.name}: parameter importances (fANOVA)"))
     except (ValueError, RuntimeError, KeyError) as e:  # too few or too uniform trials for fANOVA
-        print(f"(no importance plot: {e})", file=sys.stderr)
+        log.info("(no importance plot: %s)", e)
     return out
 
 
@@ -509,11 +510,7 @@ def _strip_ansi(text: str) -> str:
 
 
 def write_results(table: Any, folder: Path) -> Path:
-    path = folder / "results.parquet"
-    tmp = folder / "results.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(folder / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
 
 
 def write_optuna_journal(table: Any, study: Study, path: Path) -> None:
@@ -561,17 +558,15 @@ def best_row(table: Any, study: Study) -> dict[str, Any] | None:
 
 def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> None:
     counts = table["status"].value_counts().to_dict() if len(table) else {}
-    print(f"\nstudy {study.name!r}: {len(table)} trials in {seconds:.0f}s "
-          f"({', '.join(f'{n} {s}' for s, n in counts.items())})", file=sys.stderr)
+    log.info(f"\nstudy {study.name!r}: {len(table)} trials in {seconds:.0f}s "
+          f"({', '.join(f'{n} {s}' for s, n in counts.items())})")
     best = best_row(table, study)
     if best is not None:
         params = ", ".join(f"{p.key}={_fmt(best.get(p.key))}" for p in study.params if p.active(best))
-        print(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})",
-              file=sys.stderr)
+        log.info(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})")
     for row in table[table["status"] == STATUS_ERRORED].to_dict("records") if len(table) else []:
-        print(f"errored trial {row['trial_id']} ({row['error_kind']}): {row['error'].strip().splitlines()[-1][:200]}",
-              file=sys.stderr)
-    print(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}", file=sys.stderr)
+        log.info(f"errored trial {row['trial_id']} ({row['error_kind']}): {row['error'].strip().splitlines()[-1][:200]}")
+    log.info(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}")
 
 
 def _fmt(v: Any) -> str:

@@ -19,6 +19,7 @@ Adapter module: imports MLflow (with an install hint when missing).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import subprocess
@@ -26,12 +27,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from lcl_tune.schema.trial import ConfigError
+from lcl_tune.util import log
 
 try:
     from mlflow.entities import Metric, Param, RunTag
@@ -68,9 +69,46 @@ class TrackingTarget:
 # --------------------------------------------------------------------------------------------
 
 
-def default_uri(folder: Path) -> str:
-    """The embedded store: SQLite at an absolute path inside the study folder."""
-    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+STORE_NAME = "mlflow.db"
+ARTIFACTS_NAME = "mlartifacts"
+
+
+def default_uri(root: Path) -> str:
+    """The embedded store of a storage root: SQLite at an absolute path, ``<root>/mlflow.db``."""
+    return f"sqlite:///{Path(root).resolve() / STORE_NAME}"
+
+
+def store_root(folder: Path) -> Path:
+    """Where the store of a study, ablation or final training in ``folder`` lives: every study
+    under one storage root shares ``<root>/mlflow.db`` (one experiment each), so one MLflow UI
+    browses and compares them all. A folder made before stores were shared keeps its own
+    ``mlflow.db``, and is used as it is (``--resume``, ``lcl-tune ui``)."""
+    folder = Path(folder).resolve()
+    return folder if (folder / STORE_NAME).is_file() else folder.parent
+
+
+def find_store(folder: Path) -> Path | None:
+    """The store that holds the runs of ``folder`` (a storage root or a folder in one), or None."""
+    folder = Path(folder).resolve()
+    for candidate in (folder, folder.parent):
+        if (candidate / STORE_NAME).is_file():
+            return candidate
+    return None
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Artifacts of a SQLite store live beside it (``<root>/mlartifacts/<experiment>``); a server
+    or another database keeps them where its own configuration says (None)."""
+    return Path(uri[len("sqlite:///"):]).parent / ARTIFACTS_NAME if uri.startswith("sqlite:///") else None
+
+
+def study_experiment(client: MlflowClient, folder: Path) -> str | None:
+    """The experiment of the study (or ablation) in ``folder``: the one holding the parent run
+    tagged with that folder. A shared store holds many studies, possibly of the same name in
+    other roots, so the folder, not the name, identifies it."""
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`{TAG_FOLDER}` = '{_quote(str(Path(folder).resolve()))}'", max_results=1)
+    return runs[0].info.experiment_id if runs else None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -85,73 +123,40 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(e, "reason", e)
         raise ConfigError("--tracking-uri", f"cannot reach the MLflow tracking server at {uri} ({reason})",
                           "start it (mlflow server --host ... --port ...) or fix the address; "
-                          "leave --tracking-uri out to use the study's own SQLite store") from None
+                          "leave --tracking-uri out to use the storage root's own SQLite store") from None
 
 
 def open_store(uri: str) -> MlflowClient:
-    """Create the store before any trial touches it: concurrent first use of a new SQLite file by
-    several trial processes can corrupt it, so the driver creates the schema up front."""
+    """Create (migrate) the store before any trial touches it: concurrent first use of a new SQLite
+    file by several processes can corrupt it. Two drivers starting on one new root take turns
+    under a file lock, so the schema is migrated once per root."""
     check_reachable(uri)
-    if uri.startswith("sqlite:///"):
-        seed_sqlite_store(Path(uri[len("sqlite:///"):]))
-    client = MlflowClient(tracking_uri=uri)
-    client.search_experiments(max_results=1)  # creates/migrates the SQLite schema now
+    if not uri.startswith("sqlite:///"):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return client
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client = MlflowClient(tracking_uri=uri)  # MLflow opens (and migrates) the store here
+        client.search_experiments(max_results=1)
     return client
 
 
-def store_template_dir() -> Path:
-    return Path.home() / ".cache" / "lcl_tune" / "mlflow"
-
-
-def store_template() -> Path:
-    """The empty, migrated SQLite store new studies start from (one per MLflow version)."""
-    import mlflow
-
-    return store_template_dir() / f"empty-{mlflow.__version__}.db"
-
-
-def seed_sqlite_store(db: Path) -> bool:
-    """Start a new SQLite store as a copy of an empty, fully migrated one (made once per MLflow
-    version in ``~/.cache/lcl_tune/mlflow``): MLflow builds a new store by running every schema
-    migration, about 3 s, which a study of short trials would pay each time. The copy is the
-    store MLflow would have made, down to the Default experiment's artifact location (``./mlruns/0``
-    of the current directory). Returns whether ``db`` was seeded (False: it already existed, or
-    the template could not be made, and MLflow creates the store as usual)."""
-    import os
-    import shutil
-    import sqlite3
-
-    if db.exists():
-        return False
-    template = store_template()
-    try:
-        if not template.exists():
-            template.parent.mkdir(parents=True, exist_ok=True)
-            fresh = template.with_suffix(f".{os.getpid()}.tmp")
-            fresh.unlink(missing_ok=True)
-            MlflowClient(tracking_uri=f"sqlite:///{fresh}").search_experiments(max_results=1)
-            os.replace(fresh, template)  # atomic: concurrent makers never see half a template
-        db.parent.mkdir(parents=True, exist_ok=True)
-        partial = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-        shutil.copyfile(template, partial)
-        now = int(time.time() * 1000)
-        with sqlite3.connect(partial) as con:
-            con.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
-                        "WHERE experiment_id = 0", ((Path.cwd() / "mlruns" / "0").as_posix(), now, now))
-        con.close()
-        os.replace(partial, db)
-        return True
-    except (OSError, sqlite3.Error) as e:  # a read-only home, a full disk: MLflow makes the store itself
-        warnings.warn(f"could not seed the MLflow store from a template ({e}); creating it from scratch")
-        return False
-
-
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
+    """The experiment ``name``; a new one keeps its artifacts under ``artifact_root/name``."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    location = (artifact_root / name).resolve().as_uri() if artifact_root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - another driver on the same root created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def find_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str]) -> list[Any]:
@@ -166,10 +171,9 @@ def _quote(value: str) -> str:
 def start_study(name: str, folder: Path, *, kind: str = "study", uri: str | None = None,
                 extra_tags: Mapping[str, str] | None = None, artifacts: Iterable[Path] = ()) -> TrackingTarget:
     """Experiment + parent run for the study in ``folder`` (the same parent again on resume)."""
-    uri = uri or default_uri(folder)
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    uri = uri or default_uri(store_root(folder))
     client = open_store(uri)
-    exp_id = get_or_create_experiment(client, name, folder / "mlartifacts" if local else None)
+    exp_id = get_or_create_experiment(client, name, artifact_root(uri))
     found = find_runs(client, exp_id, {TAG_ROLE: kind, TAG_FOLDER: str(folder)})
     if found:
         run_id = found[0].info.run_id
@@ -238,7 +242,7 @@ def _retry(fn: Callable[[], Any], what: str, attempts: int = 4) -> Any:
             return fn()
         except Exception as e:  # noqa: BLE001 - tracking must never kill training
             if i == attempts - 1:
-                warnings.warn(f"MLflow {what} failed: {e}", stacklevel=3)
+                log.warning(f"MLflow {what} failed: {e}")
                 return None
             time.sleep(0.2 * 2**i)
 

@@ -6,14 +6,13 @@ must see: OptunaSearch takes a trial's *last* reported value) and a checkpoint h
 optimiser and counters only (``torch.load(weights_only=True)``: never pickled code). On a retry or
 a restored study the trial continues from its last checkpoint.
 
-Adapter module: the only place besides :mod:`lcl_tune.adapters.study_runner` and :mod:`lcl_tune.adapters.tracking` that
-imports Ray.
+Fault injection for the end-to-end tests lives with the tests (``tests/faults/sitecustomize.py``),
+not here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -29,11 +28,6 @@ from lcl_tune.schema.study import Study
 STATE_FILE = "state.pt"
 DETAILS_FILE = "details.json"
 TRIAL_CONFIG_FILE = "trial_config.yaml"
-FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
-"""Fault injection for tests: ``key=value`` makes trials with that sampled value raise before
-training; ``key=value@N`` makes them raise once, at evaluation period N of a first attempt (a retry
-that restored a checkpoint passes); a ``:oom`` suffix raises CUDA's out-of-memory error instead.
-Several rules are separated by ``;``."""
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -80,7 +74,6 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
         name, tags = study.run_labels(params)
         target = tracking[tags["lcl_tune.arm"]] if isinstance(tracking, dict) else tracking
         run = TrialRun(target, context.get_trial_id(), cfg.flat(), tags, name=name)
-    _maybe_fail(params, period=0, resumed=False)
     threads = max(1, int(study.cpu)) if cfg.train.device in ("auto", "cpu") else None
     if threads and not cfg.train.threads:
         cfg.train.threads = threads  # a trial uses the CPUs it reserved, no more (trials share nodes)
@@ -93,7 +86,6 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
     start = time.time()
     node_id = ray.get_runtime_context().get_node_id()
     for report in trainer.run():
-        _maybe_fail(params, period=report["period"], resumed=checkpoint is not None)
         details = {**report.pop("details"), "trial_config": cfg.to_dict(), "data_fingerprint": trainer.data.fingerprint}
         metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
         metrics["time/trial_wall_s"] = time.time() - start
@@ -116,15 +108,3 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
 def result_details(result: dict[str, Any]) -> dict[str, Any]:
     """The details (confusion matrix, per-class F1, config) a trial put in a Ray result."""
     return json.loads(result.get("details_json") or "{}")
-
-
-def _maybe_fail(params: dict[str, Any], period: int, resumed: bool) -> None:
-    for rule in filter(None, os.environ.get(FAIL_ENV, "").split(";")):
-        rule, _, kind = rule.partition(":")
-        condition, _, at = rule.partition("@")
-        key, _, value = condition.partition("=")
-        if key not in params or str(params[key]) != value:
-            continue
-        if (not at and period == 0) or (at and int(at) == period and not resumed):
-            message = f"injected failure for {condition}{' at period ' + at if at else ''} ({FAIL_ENV})"
-            raise torch.cuda.OutOfMemoryError(message) if kind == "oom" else RuntimeError(message)

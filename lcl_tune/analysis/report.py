@@ -15,17 +15,15 @@ What the report holds (:class:`AblationReport`, plain pandas DataFrames):
 * ``confused_pairs`` - the most-confused ordered class pairs (true -> predicted) of each arm, next to
   the baseline's rate for the same pair, so one sees whether an arm reduced that confusion.
 
-Rendering: :func:`to_markdown`, :func:`to_latex` (booktabs, built by hand: pandas' ``to_latex``
-needs jinja2), :func:`write_report` (atomic files) and :func:`plot_arms` (matplotlib, imported lazily).
+Rendering: each table is a DataFrame of formatted cells that pandas renders: :func:`to_markdown`
+(``DataFrame.to_markdown``, i.e. tabulate), :func:`to_latex` (``Styler.to_latex``, booktabs);
+:func:`write_report` (atomic files) and :func:`plot_arms` (matplotlib, imported lazily).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -33,6 +31,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+from lcl_tune.util import atomic_write
 
 DEFAULT_METRICS: tuple[str, ...] = ("accuracy", "macro_f1", "weighted_f1")
 PRETTY_METRICS = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "weighted_f1": "Weighted-F1"}
@@ -356,12 +356,7 @@ def best_arm(report: AblationReport, metric: str, rule: str = "mean") -> str:
 
 def _label_order(cells: Sequence[Cell]) -> list[str]:
     """Union of class names in first-appearance order (cells normally share one label set)."""
-    labels: list[str] = []
-    for c in cells:
-        for name in [*c.label_names, *c.per_class_f1]:
-            if name not in labels:
-                labels.append(name)
-    return labels
+    return list(dict.fromkeys(name for c in cells for name in [*c.label_names, *c.per_class_f1]))
 
 
 def per_class_table(cells: Sequence[Cell], arm_order: list[str], baseline: str, labels: list[str]) -> pd.DataFrame:
@@ -487,12 +482,9 @@ def _is_num(x: Any) -> bool:
     return x is not None and x is not pd.NA and isinstance(x, (int, float, np.number)) and math.isfinite(float(x))
 
 
-def _fmt(x: Any, digits: int) -> str:
-    return f"{float(x):.{digits}f}" if _is_num(x) else "—"
-
-
-def _fmt_signed(x: Any, digits: int) -> str:
-    return f"{float(x):+.{digits}f}" if _is_num(x) else "—"
+def _fmt(x: Any, digits: int, signed: bool = False) -> str:
+    """Fixed decimals (a sign when it is a difference); a dash where there is no number."""
+    return f"{float(x):{'+' if signed else ''}.{digits}f}" if _is_num(x) else "—"
 
 
 def _fmt_p(p: Any) -> str:
@@ -503,25 +495,24 @@ def _fmt_p(p: Any) -> str:
 
 
 def _fmt_interval(low: Any, high: Any, digits: int, signed: bool = False) -> str:
-    f = _fmt_signed if signed else _fmt
-    return f"[{f(low, digits)}, {f(high, digits)}]" if _is_num(low) and _is_num(high) else "—"
+    return f"[{_fmt(low, digits, signed)}, {_fmt(high, digits, signed)}]" if _is_num(low) and _is_num(high) else "—"
 
 
 def _pretty(metric: str) -> str:
     return PRETTY_METRICS.get(metric, metric)
 
 
-def _md_escape(text: str) -> str:
-    """Pipes would split a table cell; everything else renders fine as-is."""
-    return str(text).replace("|", "\\|")
+def _markdown(cells: pd.DataFrame) -> str:
+    """``cells`` (already formatted text) as a GitHub pipe table, rendered by pandas / tabulate:
+    first column left-aligned, the numeric rest right-aligned. ``disable_numparse``: tabulate would
+    otherwise re-read "0.8100" as a number and drop its trailing zeros. A ``|`` in a name (cell or
+    header) would end the cell, so it is escaped; nothing else needs escaping in a pipe table."""
+    def esc(text: Any) -> str:
+        return str(text).replace("|", r"\|")
 
-
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """GitHub-flavoured pipe table; first column left-aligned, the (numeric) rest right-aligned."""
-    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
-             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    cells = cells.map(esc).rename(columns=esc)
+    align = ["left"] + ["right"] * (cells.shape[1] - 1)
+    return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 def design_sentence(report: AblationReport) -> str:
@@ -532,7 +523,7 @@ def design_sentence(report: AblationReport) -> str:
             for arm, seeds in report.seeds.items() if set(seeds) != set(all_seeds)]
     n_other = len(report.arm_order) - 1
     conf = f"{report.confidence * 100:g}%"
-    text = (f"Baseline: **{report.baseline}**. Arms: {', '.join(report.arm_order)}. "
+    return (f"Baseline: **{report.baseline}**. Arms: {', '.join(report.arm_order)}. "
             f"Seeds: {', '.join(map(str, all_seeds))} ({len(all_seeds)} seeds"
             + (f"; {'; '.join(gaps)}" if gaps else "") + "). "
             f"Paired design: a seed gives every arm the same data order and initial weights, so each arm "
@@ -541,42 +532,36 @@ def design_sentence(report: AblationReport) -> str:
             f"come from a two-sided paired t-test and a Wilcoxon signed-rank test, Holm-corrected over the "
             f"{n_other} non-baseline arm(s), per metric and test. With n paired seeds the smallest "
             f"possible Wilcoxon p is 2/2^n ({2 / 2 ** max(len(base_seeds), 1):.3g} for {len(base_seeds)} seeds).")
-    return text
+
+
+def _md_metric_row(report: AblationReport, arm: str, r: pd.Series, digits: int) -> dict[str, str]:
+    """One arm's cells: the spread of its own seeds, then the paired comparison with the baseline
+    (a dash for the baseline itself, which is not compared with itself)."""
+    conf = f"{report.confidence * 100:g}% CI"
+    own = {"arm": f"{arm} (baseline)" if arm == report.baseline else str(arm), "n": str(int(r["n"])),
+           "mean ± std": f"{_fmt(r['mean'], digits)} ± {_fmt(r['std'], digits)}",
+           conf: _fmt_interval(r["ci_low"], r["ci_high"], digits)}
+    vs_base = {
+        f"Δ vs {report.baseline} [{conf}]": f"{_fmt(r['diff'], digits, True)} "
+                                           f"{_fmt_interval(r['diff_ci_low'], r['diff_ci_high'], digits, signed=True)}",
+        "n paired": str(int(r["n_paired"])),
+        "p t-test (Holm)": f"{_fmt_p(r['p_ttest'])} ({_fmt_p(r['p_ttest_holm'])})",
+        "p Wilcoxon (Holm)": f"{_fmt_p(r['p_wilcoxon'])} ({_fmt_p(r['p_wilcoxon_holm'])})",
+    }
+    return {**own, **{k: "—" if arm == report.baseline else v for k, v in vs_base.items()}}
 
 
 def _md_metric_table(report: AblationReport, metric: str, digits: int) -> str:
-    t = metric_table(report, metric)
-    conf = f"{report.confidence * 100:g}% CI"
-    header = ["arm", "n", "mean ± std", conf, f"Δ vs {report.baseline} [{conf}]", "n paired",
-              "p t-test (Holm)", "p Wilcoxon (Holm)"]
-    rows = []
-    for arm, r in t.iterrows():
-        is_base = arm == report.baseline
-        rows.append([
-            f"{arm} (baseline)" if is_base else str(arm),
-            str(int(r["n"])),
-            f"{_fmt(r['mean'], digits)} ± {_fmt(r['std'], digits)}",
-            _fmt_interval(r["ci_low"], r["ci_high"], digits),
-            "—" if is_base else f"{_fmt_signed(r['diff'], digits)} "
-                                f"{_fmt_interval(r['diff_ci_low'], r['diff_ci_high'], digits, signed=True)}",
-            "—" if is_base else str(int(r["n_paired"])),
-            "—" if is_base else f"{_fmt_p(r['p_ttest'])} ({_fmt_p(r['p_ttest_holm'])})",
-            "—" if is_base else f"{_fmt_p(r['p_wilcoxon'])} ({_fmt_p(r['p_wilcoxon_holm'])})",
-        ])
-    return _md_table(header, rows)
+    return _markdown(pd.DataFrame([_md_metric_row(report, arm, r, digits)
+                                   for arm, r in metric_table(report, metric).iterrows()]))
 
 
 def _md_per_class(report: AblationReport, digits: int) -> str:
     pc = report.per_class
     others = [a for a in report.arm_order if a != report.baseline]
-    header = ["class", f"{report.baseline} F1"] + [f"Δ {a}" for a in others]
-    rows = [[str(cls), _fmt(r["baseline_f1"], digits)] + [_fmt_signed(r[a], digits) for a in others]
-            for cls, r in pc.iterrows()]
-    return _md_table(header, rows)
-
-
-def _md_rank(v: Any) -> str:
-    return "—" if v is pd.NA or pd.isna(v) else str(int(v))
+    cells = pd.DataFrame({f"{report.baseline} F1": pc["baseline_f1"].map(lambda x: _fmt(x, digits)),
+                          **{f"Δ {a}": pc[a].map(lambda x: _fmt(x, digits, True)) for a in others}})
+    return _markdown(cells.rename_axis("class").reset_index())
 
 
 def _md_confused(report: AblationReport, arm: str, digits: int) -> str:
@@ -585,16 +570,17 @@ def _md_confused(report: AblationReport, arm: str, digits: int) -> str:
     if sub.empty:
         return "_no confusions recorded_"
     base = report.baseline
+    rank, base_rank = (sub[c].astype("string").fillna("—") for c in ("rank", "baseline_rank"))
+    cells = pd.DataFrame({"true → predicted": sub["true"].astype(str) + " → " + sub["predicted"].astype(str),
+                          "count / support": sub["count"].astype(str) + " / " + sub["support"].astype(str),
+                          "rate": sub["rate"].map(lambda x: _fmt(x, digits))})
     if arm == base:
-        header = ["true → predicted", "count / support", "rate", "rank"]
-        rows = [[f"{r['true']} → {r['predicted']}", f"{int(r['count'])} / {int(r['support'])}",
-                 _fmt(r["rate"], digits), _md_rank(r["rank"])] for _, r in sub.iterrows()]
-        return _md_table(header, rows)
-    header = ["true → predicted", "count / support", "rate", f"{base} rate", "Δ rate", f"rank ({arm} / {base})"]
-    rows = [[f"{r['true']} → {r['predicted']}", f"{int(r['count'])} / {int(r['support'])}",
-             _fmt(r["rate"], digits), _fmt(r["baseline_rate"], digits), _fmt_signed(r["rate_diff"], digits),
-             f"{_md_rank(r['rank'])} / {_md_rank(r['baseline_rank'])}"] for _, r in sub.iterrows()]
-    return _md_table(header, rows)
+        cells["rank"] = rank
+    else:
+        cells[f"{base} rate"] = sub["baseline_rate"].map(lambda x: _fmt(x, digits))
+        cells["Δ rate"] = sub["rate_diff"].map(lambda x: _fmt(x, digits, True))
+        cells[f"rank ({arm} / {base})"] = rank + " / " + base_rank
+    return _markdown(cells)
 
 
 def to_markdown(report: AblationReport, metric_order: Sequence[str] | None = None, digits: int = 4,
@@ -616,54 +602,62 @@ def to_markdown(report: AblationReport, metric_order: Sequence[str] | None = Non
     return "\n\n".join(parts) + "\n"
 
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def tex_escape(text: str) -> str:
-    """Escape LaTeX's special characters (arm names such as ``lcl_self`` contain ``_``)."""
-    return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
-
-
-def _tex_num(x: Any, digits: int, signed: bool = False) -> str:
-    if not _is_num(x):
-        return "--"
-    return f"${float(x):+.{digits}f}$" if signed else f"${float(x):.{digits}f}$"
+def _tex_signed(x: Any, digits: int) -> str:
+    return f"${_fmt(x, digits, signed=True)}$" if _is_num(x) else "--"
 
 
 def _tex_p(p: Any) -> str:
     return "--" if not _is_num(p) else ("$<$0.001" if 0 < p < 0.001 else f"{float(p):.3f}")
 
 
-def _tex_row(report: AblationReport, arm: str, metrics: list[str], digits: int, best: dict[str, str]) -> str:
-    is_base = arm == report.baseline
-    cells = [tex_escape(arm) + (" (baseline)" if is_base else ""), str(int(report.arms.loc[arm, "n_seeds"]))]
-    for m in metrics:
-        r = metric_table(report, m).loc[arm]
-        mean = f"{float(r['mean']):.{digits}f}" if _is_num(r["mean"]) else "--"
-        mean = rf"\mathbf{{{mean}}}" if best.get(m) == arm else mean
-        std = rf" \pm {float(r['std']):.{digits}f}" if _is_num(r["std"]) else ""
-        cells.append(f"${mean}{std}$" if mean != "--" else "--")
-        cells.append("--" if is_base else _tex_num(r["diff"], digits, signed=True))
-        cells.append("--" if is_base else f"{_tex_p(r['p_ttest_holm'])} / {_tex_p(r['p_wilcoxon_holm'])}")
-    return " & ".join(cells) + r" \\"
+def _tex_mean_std(mean: Any, std: Any, digits: int, bold: bool) -> str:
+    """``$m \\pm s$`` with the mean in ``\\mathbf`` when bold (``\\textbf`` does not reach into math)."""
+    if not _is_num(mean):
+        return "--"
+    m = f"{float(mean):.{digits}f}"
+    m = rf"\mathbf{{{m}}}" if bold else m
+    s = rf" \pm {float(std):.{digits}f}" if _is_num(std) else ""
+    return f"${m}{s}$"
+
+
+def _tex_metric_cells(report: AblationReport, metric: str, digits: int) -> pd.DataFrame:
+    """The three LaTeX cells of one metric per arm: mean ± std (the best mean bold), Δ vs the
+    baseline, Holm-corrected p of t-test / Wilcoxon (dashes for the baseline)."""
+    t = metric_table(report, metric)
+    best = _safe_best(report, metric)
+    cells = pd.DataFrame({
+        r"mean $\pm$ std": [_tex_mean_std(r["mean"], r["std"], digits, arm == best) for arm, r in t.iterrows()],
+        r"$\Delta$": t["diff"].map(lambda x: _tex_signed(x, digits)),
+        "$p_t$ / $p_W$": [f"{_tex_p(a)} / {_tex_p(b)}" for a, b in zip(t["p_ttest_holm"], t["p_wilcoxon_holm"])],
+    }, index=t.index)
+    cells.loc[report.baseline, cells.columns[1:]] = "--"
+    return cells
+
+
+def _with_cmidrules(tex: str, groups: int) -> str:
+    """Styler draws no rule under a ``\\multicolumn`` header; booktabs style puts a ``\\cmidrule``
+    under each metric's group (columns 3-5, 6-8, ...), right after the first header row."""
+    rules = " ".join(rf"\cmidrule(lr){{{3 + 3 * k}-{5 + 3 * k}}}" for k in range(groups))
+    head, sep, rest = tex.partition("\\\\\n")
+    return f"{head}{sep}{rules}\n{rest}"
 
 
 def to_latex(report: AblationReport, metric_order: Sequence[str] | None = None, digits: int = 3) -> str:
     """booktabs tabular of the main table: per metric mean ± std (best mean in bold), Δ vs the
-    baseline, and Holm-corrected p (t-test / Wilcoxon). Needs ``\\usepackage{booktabs}``."""
+    baseline, and Holm-corrected p (t-test / Wilcoxon). Needs ``\\usepackage{booktabs}``.
+
+    Rendered by pandas' Styler (jinja2, which torch already requires). Only names are escaped
+    (arm names such as ``lcl_self`` and custom metric names carry ``_``, ``&``, ...); the cells
+    are LaTeX built here and pass through as they are."""
     metrics = list(metric_order or report.metrics)
-    best = {m: _safe_best(report, m) for m in metrics}
-    lines = [f"% Ablation vs baseline {tex_escape(report.baseline)}; paired over seeds; "
-             f"p: Holm-corrected (paired t-test / Wilcoxon). Requires \\usepackage{{booktabs}}.",
-             r"\begin{tabular}{lr" + "ccc" * len(metrics) + "}", r"\toprule",
-             " & & " + " & ".join(rf"\multicolumn{{3}}{{c}}{{{tex_escape(_pretty(m))}}}" for m in metrics) + r" \\",
-             " ".join(rf"\cmidrule(lr){{{3 + 3 * k}-{5 + 3 * k}}}" for k in range(len(metrics))),
-             "Arm & $n$ & " + " & ".join([r"mean $\pm$ std & $\Delta$ & $p_t$ / $p_W$"] * len(metrics)) + r" \\",
-             r"\midrule"]
-    lines += [_tex_row(report, arm, metrics, digits, best) for arm in report.arm_order]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
+    n = report.arms["n_seeds"].astype(int).astype(str).to_frame("$n$")
+    cells = pd.concat({"": n, **{_pretty(m): _tex_metric_cells(report, m, digits) for m in metrics}}, axis=1)
+    cells.index = [f"{a} (baseline)" if a == report.baseline else str(a) for a in cells.index]
+    cells.columns.names = [None, "Arm"]  # the lower header row starts with "Arm"
+    tex = (cells.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1, level=0)
+           .to_latex(hrules=True, column_format="lr" + "ccc" * len(metrics), multicol_align="c"))
+    return (f"% Ablation vs baseline {report.baseline}; paired over seeds; p: Holm-corrected "
+            f"(paired t-test / Wilcoxon). Requires \\usepackage{{booktabs}}.\n" + _with_cmidrules(tex, len(metrics)))
 
 
 def _safe_best(report: AblationReport, metric: str) -> str | None:
@@ -676,25 +670,10 @@ def _safe_best(report: AblationReport, metric: str) -> str | None:
 # ------------------------------------------------------------------------------------------- output
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temp file in the same folder + ``os.replace``: a reader (or a crash) never sees
-    a half-written report."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
     """Write ``report.md``, ``report.tex``, ``arms.csv``, ``per_class_f1_diff.csv`` and
-    ``confused_pairs.csv`` (each atomically); returns them keyed by kind."""
+    ``confused_pairs.csv`` (each atomically: a reader never sees half a report); returns them
+    keyed by kind."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     outputs = {
@@ -704,7 +683,7 @@ def write_report(report: AblationReport, folder: str | Path) -> dict[str, Path]:
         "per_class": ("per_class_f1_diff.csv", report.per_class.to_csv()),
         "confused_pairs": ("confused_pairs.csv", report.confused_pairs.to_csv(index=False)),
     }
-    return {kind: _atomic_write_text(folder / name, text) for kind, (name, text) in outputs.items()}
+    return {kind: atomic_write(folder / name, text) for kind, (name, text) in outputs.items()}
 
 
 def _pyplot():

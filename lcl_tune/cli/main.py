@@ -11,26 +11,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+import logging
 
 from lcl_tune.schema.trial import ConfigError
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item"):
-        return obj.item()
-    return obj
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write atomically, so a crash never leaves half a file behind."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2))
-    tmp.replace(path)
+from lcl_tune.util import json_safe, log, write_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -52,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Each report is appended as it arrives: a crash keeps every evaluation done so far.
     with open(out / "reports.jsonl", "w") as fh:
         def on_report(report: dict) -> None:
-            fh.write(json.dumps(_jsonable(report)) + "\n")
+            fh.write(json.dumps(json_safe(report)) + "\n")
             fh.flush()
 
         summary = Trainer(cfg).fit(on_report)
@@ -174,12 +159,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from lcl_tune.cli.ui import serve  # heavy: mlflow
 
-    return serve(study_dir=args.study_dir, tracking_uri=args.tracking_uri, host=args.host, port=args.port,
-                 open_browser=False)
+    return serve(study_dir=args.study_dir, tracking_uri=args.tracking_uri, host=args.host, port=args.port)
+
+
+class _Plain(logging.Formatter):
+    """The library's log lines as the command's own output: info as it is, problems prefixed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def setup_logging(verbosity: int) -> None:
+    """The ``lcl_tune`` logger prints to stderr: ``-q`` warnings only, ``-v`` debug too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Plain("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+    log.propagate = False
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lcl-tune", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_const", const=1, default=0, dest="verbosity",
+                   help="also print debug messages")
+    p.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                   help="print warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="one fine-tuning run from a trial config (no Ray)")
@@ -196,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override seeds=[1,2], a trial key, ...")
     a.add_argument("--storage", default="lcl_runs")
     a.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    a.add_argument("--tracking-uri", help="MLflow tracking server (default: SQLite in the ablation folder)")
+    a.add_argument("--tracking-uri", help="MLflow tracking server (default: the SQLite store STORAGE/mlflow.db)")
     a.set_defaults(func=cmd_ablate)
 
     r = sub.add_parser("report", help="(re)write the statistics report of an ablation folder")
@@ -218,14 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted study")
     s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     s.add_argument("--tracking-uri", help="MLflow tracking server, e.g. http://head:5000 "
-                   "(default: SQLite store STORAGE/NAME/mlflow.db)")
+                   "(default: the SQLite store STORAGE/mlflow.db, shared by the studies of STORAGE)")
     s.set_defaults(func=cmd_tune)
 
-    u = sub.add_parser("ui", help="start the MLflow UI for a study folder (or a tracking URI) and print its URL")
-    u.add_argument("study_dir", nargs="?", help="a study folder (STORAGE/NAME) holding mlflow.db")
-    u.add_argument("--tracking-uri", help="browse this store or server instead of a study folder")
-    u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    u.add_argument("--port", type=int, default=5000)
+    u = sub.add_parser("ui", help="start the MLflow UI for a storage root, a study folder or a tracking URI, "
+                       "and print its URL")
+    u.add_argument("study_dir", nargs="?", help="a storage root (lcl_runs: every study, one experiment each) "
+                   "or a study folder in it (lcl_runs/NAME: its runs)")
+    u.add_argument("--tracking-uri", help="browse this store (sqlite:///...) or running server (http://host:5000) "
+                   "instead of a folder")
+    u.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes the "
+                   "UI, which has no login, to the network)")
+    u.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000; 0: a free one)")
     u.set_defaults(func=cmd_ui)
 
     v = sub.add_parser("validate", help="check a study or trial config and print its budget (no Ray, no torch)")
@@ -237,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbosity)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from lcl_tune.schema.trial import ConfigError, DataConfig, file_format
+from lcl_tune.util import log
 
 CACHE_FORMAT = "lcl_tune-tokenized-v1"
 """Part of every cache key: bump it when the cache layout changes so stale caches are ignored."""
@@ -815,9 +815,9 @@ def _write_cache(folder: Path, meta: dict[str, Any], splits: dict[str, Tokenized
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _log(progress: bool, message: str, end: str = "\n") -> None:
+def _log(progress: bool, message: str) -> None:
     if progress:
-        print(message, file=sys.stderr, end=end, flush=True)
+        log.info(message)
 
 
 def prepare_data(d: DataConfig, tokenizer: Any, max_length: int, *, raw: RawData | None = None,
@@ -843,9 +843,8 @@ def prepare_data(d: DataConfig, tokenizer: Any, max_length: int, *, raw: RawData
             splits[name] = None
             continue
         start = time.perf_counter()
-        _log(progress, f"tokenising {name}: {len(split):,} rows ...", end="")
         splits[name] = tokenize_split(split, tokenizer, max_length)
-        _log(progress, f" done in {time.perf_counter() - start:.1f}s")
+        _log(progress, f"tokenised {name}: {len(split):,} rows in {time.perf_counter() - start:.1f}s")
     meta = {"format": CACHE_FORMAT, "label_names": raw.label_names, "pad_id": _pad_id(tokenizer),
             "fingerprint": fingerprint, "source": raw.source, "max_length": int(max_length),
             "tokenizer": identity,

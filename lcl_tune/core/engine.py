@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -31,6 +29,8 @@ from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, 
 from lcl_tune.core.metrics import classification_metrics
 from lcl_tune.core.model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
 from lcl_tune.core.weighting import WeightingNetwork, build_weighting
+from lcl_tune.util import atomic_write
+from lcl_tune.util import log as logger
 
 Report = dict[str, Any]
 
@@ -57,7 +57,7 @@ def prepare_trial_data(cfg: TrialConfig, *, progress: bool = True) -> tuple[Prep
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.name, cfg.model.tokenizer), cfg.model.max_length,
                         progress=progress)
     w_name = cfg.weighting.model
-    if not (cfg.uses_weighting and cfg.weighting.name.startswith("separate") and w_name):
+    if not (cfg.uses_weighting_encoder and w_name):
         return data, None
     if tokenizer_source(w_name) == main_tok:
         return data, None
@@ -94,7 +94,7 @@ class Trainer:
     def __init__(self, cfg: TrialConfig, data: PreparedData | None = None, w_data: PreparedData | None = None,
                  *, log: Callable[[str], None] | None = None, progress: bool = True):
         self.cfg = cfg
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or logger.info
         self.progress = progress
         t = cfg.train
         if t.threads:
@@ -102,7 +102,7 @@ class Trainer:
         self.device = pick_device(t.device)
         self.use_bf16 = t.precision == "bf16" and self.device.type == "cuda"
         if t.precision == "bf16" and not self.use_bf16:
-            warnings.warn("train.precision=bf16 runs on CUDA only; training in fp32 on CPU", stacklevel=2)
+            logger.warning("train.precision=bf16 runs on CUDA only; training in fp32 on CPU")
 
         if data is None:
             data, w_data = prepare_trial_data(cfg, progress=progress)
@@ -132,7 +132,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, eps=o.adam_eps, fused=True if o.fused else None)
         if t.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
             self.model.compile()
-            if self.weighting is not None and hasattr(self.weighting, "classifier"):
+            if self.weighting is not None and self.weighting.has_encoder:
                 self.weighting.classifier.compile()
 
         self.steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
@@ -349,9 +349,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
 
     def restore(self, path: str | os.PathLike) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

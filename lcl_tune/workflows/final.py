@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lcl_tune.schema.trial import TrialConfig
+from lcl_tune.util import log, write_json
 
 
 def save_model(trainer: Any, folder: Path) -> Path:
@@ -45,13 +45,13 @@ def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
         run_cfg.train.eval_test = True
         folder = out / f"seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        print(f"final training, seed {seed} -> {folder}", file=sys.stderr)
+        log.info(f"final training, seed {seed} -> {folder}")
         trainer = Trainer(run_cfg, data=data, w_data=w_data)
         summary = trainer.fit()
         save_model(trainer, folder / "model")
         summary["model_dir"] = str(folder / "model")
         summary["mlflow"] = log_final_run(run_cfg, summary, folder, provenance)
-        (folder / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        write_json(folder / "metrics.json", summary)
         summaries.append(summary)
     return summaries
 
@@ -59,17 +59,19 @@ def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
 def log_final_run(cfg: TrialConfig, summary: dict[str, Any], folder: Path,
                   provenance: dict[str, Any] | None) -> dict[str, str] | None:
     """A ``final`` run in the experiment the config was exported from (linked by the
-    ``lcl_tune.exported_from`` tag), or in ``folder/mlflow.db`` when there is no source store."""
+    ``lcl_tune.exported_from`` tag); without a source store, in an experiment ``final`` of the
+    store of the storage root the output folder is in (``lcl_runs/mlflow.db`` for the default
+    ``lcl_runs/final/<name>``), or of the output folder's parent when no store is found."""
     from lcl_tune.adapters import tracking as T
 
     source = (provenance or {}).get("mlflow") or {}
-    uri = source.get("tracking_uri") or T.default_uri(folder.parent)
+    uri = source.get("tracking_uri") or T.default_uri(_store_above(folder.parent))
     try:
         client = T.open_store(uri)
     except Exception as e:  # noqa: BLE001 - the model is saved; tracking must not lose it
-        print(f"(MLflow unavailable at {uri}: {e}; final run not logged)", file=sys.stderr)
+        log.warning(f"MLflow unavailable at {uri}: {e}; final run not logged (the model is saved)")
         return None
-    exp_id = source.get("experiment_id") or T.get_or_create_experiment(client, "final", folder.parent / "mlartifacts")
+    exp_id = source.get("experiment_id") or T.get_or_create_experiment(client, "final", T.artifact_root(uri))
     tags = {T.TAG_ROLE: "final", "lcl_tune.seed": str(cfg.seed)}
     if source.get("run_id"):
         tags["lcl_tune.exported_from"] = source["run_id"]
@@ -84,3 +86,11 @@ def log_final_run(cfg: TrialConfig, summary: dict[str, Any], folder: Path,
     T.log_details(client, run_id, summary.get("details", {}), cfg.to_yaml())
     client.set_terminated(run_id, "FINISHED")
     return {"tracking_uri": uri, "experiment_id": exp_id, "run_id": run_id}
+
+
+def _store_above(folder: Path) -> Path:
+    """The nearest folder at or above ``folder`` that holds a store, else ``folder`` itself."""
+    from lcl_tune.adapters.tracking import STORE_NAME
+
+    folder = folder.resolve()
+    return next((f for f in (folder, *folder.parents) if (f / STORE_NAME).is_file()), folder)

@@ -1,0 +1,72 @@
+"""The few helpers every layer shares: atomic file writes, "did you mean" suggestions, JSON-safe
+values and the package logger. Standard library only, so the schema can use it and stay instant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger("lcl_tune")
+"""The package's logger: library code reports through it; ``lcl-tune`` sets up its handler
+(``-v`` / ``-q``). Without a handler, Python prints warnings and errors only."""
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any]) -> Path:
+    """Write ``path`` through a temporary file in the same folder, then ``os.replace``: a reader,
+    a crash or a full disk never leaves half a file where the old one was. ``data``: text, bytes,
+    or a function that writes the temporary path it is given (``df.to_parquet``, ``torch.save``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if callable(data):
+            os.close(fd)
+            data(Path(tmp))
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """``obj`` as JSON (numpy scalars and arrays made plain), written atomically."""
+    return atomic_write(path, json.dumps(json_safe(obj), indent=indent))
+
+
+def json_safe(obj: Any) -> Any:
+    """Plain Python for JSON and YAML: numpy / torch scalars and arrays become numbers and lists,
+    tuples lists, mapping keys strings, non-finite floats ``None`` (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy / torch arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The closest of ``choices`` to a mistyped ``word`` (``None`` when nothing is close). A dotted
+    word is also matched by its last part, so ``temperature`` finds ``loss.temperature``."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=cutoff)
+    if close:
+        return close[0]
+    tails = {c.rsplit(".", 1)[-1]: c for c in choices if "." in c}
+    hit = difflib.get_close_matches(str(word).rsplit(".", 1)[-1], list(tails), n=1, cutoff=max(cutoff, 0.75))
+    return tails[hit[0]] if hit else None

@@ -21,7 +21,7 @@ GOOD = {
     "metric": {"name": "dev/weighted_f1", "mode": "max"},
     "space": {
         "loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
-        "loss.lam": {"type": "uniform", "low": 0.0, "high": 1.0},
+        "loss.lam": {"type": "uniform", "low": 0.05, "high": 1.0},
         "weighting.name": {"type": "categorical", "values": ["separate", "self", "ema", "uniform"]},
         "weighting.ema_alpha": {"type": "uniform", "low": 0.5, "high": 0.99, "when": {"weighting.name": "ema"}},
         "train.batch_size": {"type": "int", "low": 8, "high": 32},
@@ -201,3 +201,88 @@ def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
     monkeypatch.setattr(search.ray, "nodes", cluster("A10G"))
     warning = search.warn_gpu_memory(study)
     assert warning.startswith("resources.gpu=0.5: 2 trials per 24 GiB GPU") and "Fix: set resources.gpu: 1" in warning
+
+
+# ---------------------------------------------------------------------------------- the scheduler fits the trial
+
+
+def periods_study(**scheduler) -> dict:
+    """A study whose trials have 40 steps, evaluated every 10: 4 periods."""
+    tree = yaml.safe_load(yaml.safe_dump(GOOD))
+    tree["base"]["train"] = {"max_steps": 40, "eval_every": 10}
+    del tree["space"]["train.batch_size"]
+    tree["scheduler"] = {"name": "asha", "grace_period": 1, "reduction_factor": 2, **scheduler}
+    return tree
+
+
+def test_max_t_must_be_the_periods_a_trial_has(tmp_path):
+    tree = periods_study(max_t=2)
+    msg = broken(tmp_path, lambda t: t.update(tree))
+    assert ("scheduler.max_t: is 2 but a trial has 4 evaluation periods (train.max_steps or train.epochs over "
+            "train.eval_every). Fix: set scheduler.max_t: 4, or change train.eval_every so a trial has 2 periods") in msg
+
+
+def test_max_t_left_out_is_the_periods_of_a_trial(tmp_path):
+    assert load_study(write(tmp_path, periods_study())).max_t == 4
+    epochs = periods_study()
+    epochs["base"]["train"] = {"epochs": 3}  # one period per epoch, whatever the training rows
+    assert load_study(write(tmp_path, epochs)).max_t == 3
+
+
+def test_grace_period_must_leave_asha_something_to_stop(tmp_path):
+    tree = periods_study(max_t=4, grace_period=4)
+    msg = broken(tmp_path, lambda t: t.update(tree))
+    assert "scheduler.grace_period: is 4 but a trial has 4 evaluation periods, so ASHA could never stop one early" in msg
+
+
+def test_a_searched_evaluation_interval_gives_trials_of_several_lengths(tmp_path):
+    """max_t is the longest trial's periods; shorter trials end on their own (completed)."""
+    tree = periods_study(max_t=4)
+    tree["space"]["train.eval_every"] = {"type": "categorical", "values": [10, 20]}
+    assert load_study(write(tmp_path, tree)).max_t == 4
+    tree["scheduler"]["max_t"] = 2
+    msg = broken(tmp_path, lambda t: t.update(tree))
+    assert "scheduler.max_t: is 2 but a trial has 2 to 4 evaluation periods" in msg and "set scheduler.max_t: 4" in msg
+
+
+def test_lambda_zero_cannot_train_a_classifier(tmp_path):
+    msg = broken(tmp_path, lambda t: t["space"]["loss.lam"].update(low=0.0))
+    assert "space.loss.lam: λ = 0 gives the classification head no gradient" in msg and "low: 0.05" in msg
+
+
+# ---------------------------------------------------------------------------------- samplers
+
+
+def test_grid_sampler_walks_the_listed_values_once(tmp_path):
+    tree = periods_study()
+    tree["search"] = {"sampler": "grid", "seed": 0, "max_concurrent": 2}
+    tree["space"] = {"loss.temperature": {"type": "categorical", "values": [0.1, 0.3, 0.7]},
+                     "loss.lam": {"type": "categorical", "values": [0.3, 0.7]}}
+    study = load_study(write(tmp_path, tree))
+    assert study.grid_size == study.num_samples == 6 and study.startup_trials == 0
+
+
+def test_grid_sampler_needs_listed_values(tmp_path):
+    msg = broken(tmp_path, lambda t: t["search"].update(sampler="grid"))
+    assert "a grid search needs the values to walk, got a range" in msg
+
+
+def test_tpe_start_up_scales_with_the_budget_and_validate_says_when_it_dominates(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(GOOD))
+    sizes = {}
+    for n in (6, 8, 40, 200):
+        tree["search"]["num_samples"] = n
+        sizes[n] = load_study(write(tmp_path, tree)).startup_trials
+    assert sizes == {6: 2, 8: 2, 40: 10, 200: 10}
+    tree["search"].update(num_samples=8, sampler_options={"n_startup_trials": 6})
+    study = load_study(write(tmp_path, tree))
+    assert study.startup_trials == 6 and len(study.notes()) == 1 and "mostly random search" in study.notes()[0]
+    out = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "validate", str(write(tmp_path, tree))],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "(6 random start-up trials)" in out.stdout
+    assert [line for line in out.stdout.splitlines() if line.startswith("note: ")] == [f"note: {study.notes()[0]}"]
+
+
+def test_sampler_options_must_be_a_mapping(tmp_path):
+    msg = broken(tmp_path, lambda t: t["search"].update(sampler_options=[1, 2]))
+    assert "search.sampler_options: expected a mapping" in msg

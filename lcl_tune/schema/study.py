@@ -33,7 +33,8 @@ from lcl_tune.schema import trial as C
 from lcl_tune.schema.trial import ConfigError
 
 PARAM_TYPES = ("loguniform", "uniform", "int", "categorical")
-SAMPLERS = ("tpe", "random", "qmc")
+SAMPLERS = ("tpe", "random", "qmc", "grid", "gp")
+MODEL_SAMPLERS = ("tpe", "gp")  # samplers with a random start-up phase before their model takes over
 SCHEDULERS = ("asha", "fifo")
 TIME_UNITS = {"period": "training_iteration", "step": "step", "samples": "samples"}
 REPORTED_METRICS = tuple(f"dev/{m}" for m in C.METRIC_NAMES)
@@ -42,7 +43,7 @@ STUDY_KEYS = ("name", "description", "base", "fixed", "metric", "space", "search
               "checkpoint", "failure")
 SECTION_KEYS = {
     "metric": ("name", "mode"),
-    "search": ("sampler", "seed", "num_samples", "max_concurrent", "points_to_evaluate"),
+    "search": ("sampler", "seed", "num_samples", "max_concurrent", "points_to_evaluate", "sampler_options"),
     "scheduler": ("name", "time_unit", "max_t", "grace_period", "reduction_factor"),
     "resources": ("cpu", "gpu"),
     "checkpoint": ("keep",),
@@ -85,6 +86,7 @@ class Study:
     num_samples: int = 8
     max_concurrent: int = 2
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    sampler_options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna sampler
     scheduler: str = "asha"
     time_unit: str = "period"
     max_t: int = 4
@@ -100,6 +102,20 @@ class Study:
     def tune_metric(self) -> str:
         """What Optuna and ASHA see: the best-so-far value (Optuna takes a trial's last report)."""
         return f"best/{self.metric}"
+
+    @property
+    def startup_trials(self) -> int:
+        """Random trials before TPE's or GP's model takes over: a quarter of the budget, at least
+        2 and at most 10 (Optuna's own default, 10, would make a study of 8 trials random search),
+        unless ``search.sampler_options.n_startup_trials`` says otherwise; 0 for other samplers."""
+        if self.sampler not in MODEL_SAMPLERS:
+            return 0
+        return int(self.sampler_options.get("n_startup_trials", max(2, min(10, self.num_samples // 4))))
+
+    @property
+    def grid_size(self) -> int:
+        """Points of the grid a ``grid`` sampler walks: the product of the listed values."""
+        return math.prod(len(p.values or []) for p in self.params)
 
     @property
     def time_attr(self) -> str:
@@ -121,7 +137,17 @@ class Study:
         return {"trials": self.num_samples, "max_periods_per_trial": self.max_t if self.time_unit == "period" else None,
                 "max_periods_total": self.num_samples * self.max_t if self.time_unit == "period" else None,
                 "time_unit": self.time_unit, "max_t": self.max_t, "concurrency": self.max_concurrent,
-                "scheduler": self.scheduler, "sampler": self.sampler, "resources": {"cpu": self.cpu, "gpu": self.gpu}}
+                "scheduler": self.scheduler, "sampler": self.sampler, "startup_trials": self.startup_trials,
+                "resources": {"cpu": self.cpu, "gpu": self.gpu}}
+
+    def notes(self) -> list[str]:
+        """One-line remarks on a valid study worth a user's attention (printed by ``validate``)."""
+        notes = []
+        if self.startup_trials and 2 * self.startup_trials >= self.num_samples:
+            notes.append(f"{self.startup_trials} of the {self.num_samples} trials are the {self.sampler} sampler's "
+                         "random start-up, so this study is mostly random search; raise search.num_samples or "
+                         "lower search.sampler_options.n_startup_trials")
+        return notes
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved study, as written to ``<storage>/<name>/study.yaml``."""
@@ -132,7 +158,8 @@ class Study:
                                                 ("values", p.values), ("when", p.when or None)) if v is not None}
                       for p in self.params},
             "search": {"sampler": self.sampler, "seed": self.seed, "num_samples": self.num_samples,
-                       "max_concurrent": self.max_concurrent, "points_to_evaluate": self.points_to_evaluate},
+                       "max_concurrent": self.max_concurrent, "points_to_evaluate": self.points_to_evaluate,
+                       "sampler_options": self.sampler_options},
             "scheduler": {"name": self.scheduler, "time_unit": self.time_unit, "max_t": self.max_t,
                           "grace_period": self.grace_period, "reduction_factor": self.reduction_factor},
             "resources": {"cpu": self.cpu, "gpu": self.gpu},
@@ -211,12 +238,13 @@ def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) 
         name=name, path=str(path), base=base, base_dir=str(base_dir), metric=m_name, mode=mode,
         sampler=_typed("search.sampler", search.get("sampler", "tpe"), str),
         seed=_typed("search.seed", search.get("seed", 0), int),
-        num_samples=_typed("search.num_samples", search.get("num_samples", 8), int),
+        num_samples=_typed("search.num_samples", search.get("num_samples", 0), int),
         max_concurrent=_typed("search.max_concurrent", search.get("max_concurrent", 2), int),
         points_to_evaluate=list(search.get("points_to_evaluate") or []),
+        sampler_options=_options(search.get("sampler_options")),
         scheduler=_typed("scheduler.name", sched.get("name", "asha"), str),
         time_unit=_typed("scheduler.time_unit", sched.get("time_unit", "period"), str),
-        max_t=_typed("scheduler.max_t", sched.get("max_t", 4), int),
+        max_t=_typed("scheduler.max_t", sched.get("max_t", 0), int),
         grace_period=_typed("scheduler.grace_period", sched.get("grace_period", 1), int),
         reduction_factor=_typed("scheduler.reduction_factor", sched.get("reduction_factor", 2), float),
         cpu=_typed("resources.cpu", res.get("cpu", 1), float),
@@ -225,12 +253,16 @@ def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) 
         max_retries=_typed("failure.max_retries", (tree.get("failure") or {}).get("max_retries", 2), int),
         description=str(tree.get("description") or ""),
     )
-    _check_settings(study)
     space = tree.get("space") or {}
     C.check(isinstance(space, Mapping) and len(space) > 0, "space", "no parameters to search",
           "add e.g. space: {loss.temperature: {type: loguniform, low: 0.05, high: 1.0}}")
     study.params = [_param(key, spec) for key, spec in space.items()]
+    _check_grid(study)
+    if not study.num_samples:  # a grid search runs its grid once; other samplers 8 trials
+        study.num_samples = study.grid_size if study.sampler == "grid" else 8
+    _check_settings(study)
     _check_params(study, check_files)
+    _check_schedule(study, sched.get("max_t") is not None)
     return study
 
 
@@ -315,9 +347,7 @@ def _check_settings(s: Study) -> None:
     C.one_of("scheduler.time_unit", s.time_unit, tuple(TIME_UNITS))
     C.check(s.num_samples >= 1, "search.num_samples", "must be >= 1", "use e.g. 8")
     C.check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1", "use e.g. 2")
-    C.check(s.max_t >= 1, "scheduler.max_t", "must be >= 1", "use e.g. 4")
-    C.check(1 <= s.grace_period <= s.max_t, "scheduler.grace_period", f"must lie in [1, max_t={s.max_t}]",
-          "use e.g. 1")
+    C.check(s.max_t >= 0, "scheduler.max_t", "must be >= 1", "use e.g. 4, or leave it out: a trial's periods")
     C.check(s.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1", "use 2, 3 or 4")
     C.check(s.cpu > 0, "resources.cpu", "must be > 0", "use e.g. 1")
     C.check(s.gpu >= 0, "resources.gpu", "must be >= 0", "use 0, a fraction such as 0.25, or whole GPUs")
@@ -325,6 +355,61 @@ def _check_settings(s: Study) -> None:
           "use a fraction <= 1 (trials sharing a GPU) or a whole number")
     C.check(s.checkpoint_keep >= 1, "checkpoint.keep", "must be >= 1", "use 1 or 2")
     C.check(s.max_retries >= 0, "failure.max_retries", "must be >= 0", "use e.g. 2")
+
+
+def _check_grid(study: Study) -> None:
+    """A grid search walks the listed values of every parameter: each must be categorical, and a
+    conditional parameter would leave holes in the grid."""
+    if study.sampler != "grid":
+        return
+    for p in study.params:
+        C.check(p.type == "categorical", f"space.{p.key}", "a grid search needs the values to walk, got a range",
+                "write {type: categorical, values: [...]} (numbers are fine), or choose another search.sampler")
+        C.check(not p.when, f"space.{p.key}.when", "a grid search cannot skip a parameter",
+                "drop the condition, or choose another search.sampler")
+
+
+def trial_periods(study: Study, n_train: int | None = None) -> tuple[int, int] | None:
+    """The fewest and most evaluation periods a trial of the study can have (the space may search
+    the batch size, the steps, the epochs or the evaluation interval); None when that depends on
+    the number of training rows and ``n_train`` is not given."""
+    shaping = [p for p in study.params if p.key in ("train.batch_size", "train.max_steps", "train.epochs",
+                                                    "train.eval_every")]
+    choices = [{}] + [{p.key: v} for p in shaping for v in (p.values if p.type == "categorical" else [p.low, p.high])]
+    periods = [study.trial_config(c).periods(n_train) for c in choices]
+    return None if None in periods else (min(periods), max(periods))
+
+
+def check_schedule(study: Study, n_train: int | None = None, *, max_t_given: bool = True) -> bool:
+    """ASHA counts evaluation periods: its ``max_t`` must be the periods a trial has (fewer would
+    stop every trial part-way through its learning-rate schedule and call it completed; more would
+    leave its top rungs empty), and ``grace_period`` must be below that. A left-out ``max_t`` is set
+    to the periods. Returns whether the periods were known (else the runner checks again once it
+    knows the training rows)."""
+    if study.scheduler != "asha" or study.time_unit != "period":
+        study.max_t = study.max_t or 4
+        return True
+    known = trial_periods(study, n_train)
+    if known is None and not study.max_t:
+        return False  # derived by the runner, which knows the training rows
+    if known is not None:
+        low, high = known
+        if not max_t_given and not study.max_t:
+            study.max_t = high
+        varies = f"{low} to {high}" if low != high else str(high)
+        C.check(study.max_t == high, "scheduler.max_t", f"is {study.max_t} but a trial has {varies} evaluation "
+                "periods (train.max_steps or train.epochs over train.eval_every)",
+                f"set scheduler.max_t: {high}, or change train.eval_every so a trial has {study.max_t} periods")
+        C.check(study.grace_period < low or low == high == 1, "scheduler.grace_period",
+                f"is {study.grace_period} but a trial has {low} evaluation periods, so ASHA could never stop one "
+                "early", f"set scheduler.grace_period below {low} (e.g. 1), or use scheduler.name: fifo")
+    C.check(1 <= study.grace_period <= study.max_t, "scheduler.grace_period",
+            f"must lie in [1, max_t={study.max_t}]", "use e.g. 1")
+    return known is not None
+
+
+def _check_schedule(study: Study, max_t_given: bool) -> None:
+    check_schedule(study, None, max_t_given=max_t_given)
 
 
 def _check_params(study: Study, check_files: bool) -> None:
@@ -338,6 +423,11 @@ def _check_params(study: Study, check_files: bool) -> None:
                   f"{k!r} is not a categorical parameter of this space", "condition on a categorical space key")
             bad = [v for v in allowed if v not in (other.values or [])]
             C.check(not bad, f"space.{p.key}.when", f"{bad} are not values of {k}", f"use values from {other.values}")
+    lam = by_key.get("loss.lam")
+    if lam is not None:
+        C.check(0.0 not in (lam.values if lam.type == "categorical" else [lam.low]), "space.loss.lam",
+                "λ = 0 gives the classification head no gradient (its CE term has weight 0), so such a trial "
+                "cannot train a classifier", "bound λ away from 0, e.g. low: 0.05")
     study.trial_config({})  # the base itself (files checked below, once)
     for p in study.params:
         for value in (p.values if p.type == "categorical" else [p.low, p.high]):
@@ -355,6 +445,12 @@ def _check_params(study: Study, check_files: bool) -> None:
                   "use a value inside the bounds")
     if check_files:
         C.from_dict(study.base, base_dir=study.base_dir, check_files=True)
+
+
+def _options(value: Any) -> dict[str, Any]:
+    C.check(value is None or isinstance(value, Mapping), "search.sampler_options",
+            f"expected a mapping of the sampler's own options, got {value!r}", "write e.g. {n_startup_trials: 4}")
+    return dict(value or {})
 
 
 def _typed(key: str, value: Any, tp: type) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 from dataclasses import dataclass, field, fields
@@ -182,6 +183,28 @@ class TrialConfig:
     def uses_weighting_encoder(self) -> bool:
         """True when the weighting network that matters trains an encoder of its own."""
         return self.uses_weighting and WEIGHTING_ENCODERS.get(self.weighting.name, False)
+
+    def schedule(self, n_train: int) -> tuple[int, int, int]:
+        """(steps per epoch, total steps, steps per evaluation period) with ``n_train`` training
+        rows: ``train.max_steps`` or ``train.epochs`` of steps, an evaluation every
+        ``train.eval_every`` steps or once per epoch."""
+        t = self.train
+        per_epoch = math.ceil(n_train / t.batch_size)
+        total = t.max_steps or max(1, math.ceil(t.epochs * per_epoch))
+        return per_epoch, total, t.eval_every or per_epoch
+
+    def periods(self, n_train: int | None = None) -> int | None:
+        """Evaluation periods of a trial (what ASHA counts with ``time_unit: period``); None when
+        that depends on the number of training rows and ``n_train`` is not given."""
+        t = self.train
+        if n_train is None:
+            if t.max_steps and t.eval_every:
+                return math.ceil(t.max_steps / t.eval_every)
+            if not t.max_steps and not t.eval_every:  # one period per epoch
+                return math.ceil(t.epochs)
+            return None
+        _, total, every = self.schedule(n_train)
+        return math.ceil(total / every)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""The searcher: an Optuna study, asked and told by Ray Tune, living in its journal from the first trial.
+
+Ray's stock ``OptunaSearch`` tells Optuna that a trial ASHA stopped is COMPLETE, with the
+best-so-far value it had at its last rung: TPE then ranks a one-period run as a full run, and the
+parameter importances mix short runs with full ones. :class:`StudySearcher` tells Optuna what
+happened instead:
+
+* every reported period is an intermediate value (``trial.report(value, period)``);
+* a trial ASHA stopped is **PRUNED** (TPE ranks pruned trials by how far they got, then by their
+  last value, as it ranks trials pruned by Optuna's own pruners);
+* an errored trial is **FAIL**, a trial that ran its full length **COMPLETE**.
+
+The study is kept in ``<study>/optuna.journal`` (Optuna's journal storage) from the first
+suggestion on, so ``optuna-dashboard optuna.journal`` shows a running study, a killed driver loses
+nothing, and ``--resume`` continues the same study. Ray checkpoints this searcher with its
+experiment: the checkpoint holds which Ray trial is which Optuna trial, the journal holds the rest.
+Each Ray trial is exactly one Optuna trial, also after a SIGKILL: an Optuna trial that was asked
+for a Ray trial that Ray's last saved state does not know (the driver died between the two) is
+handed to the next Ray trial instead of being left behind.
+
+Adapter module: imports Ray and Optuna.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lcl_tune.schema.study import Param, Study
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.util import did_you_mean, log
+
+try:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.trial import TrialState
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import Searcher
+except ImportError as e:  # pragma: no cover - exercised only without the extras
+    raise ImportError(f"lcl_tune.adapters.searcher needs Ray Tune and Optuna ({e.name} is missing): "
+                      "pip install 'ray[tune]>=2.40' 'optuna>=4.2'") from e
+
+RAY_TRIAL_ATTR = "ray_trial_id"
+STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
+
+
+# --------------------------------------------------------------------------------------------
+# The search space as Optuna sees it
+# --------------------------------------------------------------------------------------------
+
+
+class DefineByRun:
+    """Optuna define-by-run space: conditional parameters (``when:``) are only sampled when their
+    condition holds, so e.g. ``weighting.ema_alpha`` exists only in ``ema`` trials.
+
+    A class (not a closure) so Ray can pickle it with a searcher's state."""
+
+    def __init__(self, params: list[Param]):
+        self.params = sorted(params, key=lambda p: bool(p.when))  # conditions are sampled first
+
+    def __call__(self, trial: "optuna.Trial") -> dict[str, Any]:
+        chosen: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(chosen):
+                chosen[p.key] = suggest(trial, p)
+        return chosen
+
+
+def suggest(trial: "optuna.Trial", p: Param) -> Any:
+    if p.type == "categorical":
+        return trial.suggest_categorical(p.key, p.values)
+    if p.type == "int":
+        return trial.suggest_int(p.key, int(p.low), int(p.high))
+    return trial.suggest_float(p.key, p.low, p.high, log=p.type == "loguniform")
+
+
+def distribution(p: Param) -> "optuna.distributions.BaseDistribution":
+    d = optuna.distributions
+    if p.type == "categorical":
+        return d.CategoricalDistribution(p.values)
+    if p.type == "int":
+        return d.IntDistribution(int(p.low), int(p.high))
+    return d.FloatDistribution(p.low, p.high, log=p.type == "loguniform")
+
+
+# --------------------------------------------------------------------------------------------
+# Samplers and schedulers
+# --------------------------------------------------------------------------------------------
+
+
+def sampler_class(name: str) -> type:
+    return {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+            "qmc": optuna.samplers.QMCSampler, "grid": optuna.samplers.GridSampler,
+            "gp": optuna.samplers.GPSampler}[name]
+
+
+def sampler_kwargs(study: Study) -> dict[str, Any]:
+    """The sampler's arguments: the study's seed, start-up trials scaled to the budget
+    (:attr:`Study.startup_trials`), the grid of a grid search, and ``search.sampler_options``
+    (which win). TPE models the parameters jointly (``multivariate``), by groups when the space is
+    conditional, and with a constant liar when trials run in parallel, so two workers are not sent
+    to the same spot."""
+    kwargs: dict[str, Any] = {"seed": study.seed}
+    if study.sampler in ("tpe", "gp"):
+        kwargs["n_startup_trials"] = study.startup_trials
+    if study.sampler == "tpe":
+        kwargs.update(multivariate=True, group=any(p.when for p in study.params),
+                      constant_liar=study.max_concurrent > 1)
+    if study.sampler == "grid":
+        kwargs["search_space"] = {p.key: list(p.values) for p in study.params}
+    return {**kwargs, **study.sampler_options}
+
+
+def check_sampler_options(study: Study) -> None:
+    """An option the sampler does not take is a one-line error before anything starts."""
+    cls = sampler_class(study.sampler)
+    accepted = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "args", "kwargs")]
+    for key in study.sampler_options:
+        if key not in accepted:
+            close = did_you_mean(key, accepted)
+            raise ConfigError(f"search.sampler_options.{key}", f"not an option of the {study.sampler} sampler "
+                              f"(optuna.samplers.{cls.__name__})",
+                              (f"did you mean '{close}'? " if close else "") + f"options: {', '.join(accepted)}",
+                              source=study.path)
+
+
+def make_sampler(study: Study) -> "optuna.samplers.BaseSampler":
+    check_sampler_options(study)
+    with warnings.catch_warnings():  # TPE's `group` and GPSampler are marked experimental by Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return sampler_class(study.sampler)(**sampler_kwargs(study))
+
+
+def make_scheduler(study: Study):
+    if study.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=study.time_attr, max_t=study.max_t, grace_period=study.grace_period,
+                         reduction_factor=study.reduction_factor)
+
+
+def trial_status(metrics: dict[str, Any], error: Any, study: Study) -> str:
+    """``errored``; ``completed`` (ran its full length or reached ASHA's max_t); else ``stopped early``.
+
+    Ray marks every last result ``done``, so the engine's own ``finished`` flag and the time
+    attribute against ``max_t`` tell a natural end from an ASHA stop."""
+    if error:
+        return STATUS_ERRORED
+    if metrics.get("finished") or (study.scheduler == "asha" and metrics.get(study.time_attr, 0) >= study.max_t):
+        return STATUS_COMPLETED
+    return STATUS_STOPPED if study.scheduler == "asha" else STATUS_COMPLETED
+
+
+def open_study(study: Study, journal: str | Path | None, sampler: Any = None) -> "optuna.Study":
+    """The study's Optuna study, created or (``--resume``, a restored searcher) loaded again."""
+    storage = JournalStorage(JournalFileBackend(str(journal))) if journal is not None else None
+    return optuna.create_study(study_name=study.name, storage=storage, load_if_exists=True,
+                               sampler=sampler or make_sampler(study),
+                               direction="maximize" if study.mode == "max" else "minimize")
+
+
+# --------------------------------------------------------------------------------------------
+# The searcher
+# --------------------------------------------------------------------------------------------
+
+
+class StudySearcher(Searcher):
+    """Ray Tune searcher over an Optuna study in ``journal`` (``None``: in memory), asking for each
+    new Ray trial and telling each result (see the module docstring)."""
+
+    def __init__(self, study: Study, journal: str | Path | None = None):
+        super().__init__(metric=study.tune_metric, mode=study.mode)
+        self.study, self.journal = study, (str(journal) if journal is not None else None)
+        self.space = DefineByRun(study.params)
+        self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
+        self.told: set[str] = set()
+        self._ostudy: Any = None
+        self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial, this session's
+
+    # -- the Optuna study, opened lazily (a restored searcher reopens the journal) -----------
+
+    @property
+    def ostudy(self) -> "optuna.Study":
+        if self._ostudy is None:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._ostudy = open_study(self.study, self.journal)
+            self._ostudy.set_user_attr("metric", self.study.tune_metric)
+            if not self._ostudy.trials:  # a new study: the study's own starting points first
+                for point in self.study.points_to_evaluate:
+                    self._ostudy.enqueue_trial(dict(point))
+        return self._ostudy
+
+    def _trial(self, trial_id: str) -> "optuna.Trial":
+        """The live Optuna trial of a Ray trial (rebuilt from the journal after a restore)."""
+        if trial_id not in self._trials:
+            frozen = self.ostudy.get_trials(deepcopy=False)[self.numbers[trial_id]]
+            self._trials[trial_id] = optuna.trial.Trial(self.ostudy, frozen._trial_id)
+        return self._trials[trial_id]
+
+    # -- Ray's Searcher interface --------------------------------------------------------------
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id in self.numbers:  # Ray asks again for a trial it already has (a restored study)
+            return dict(self.ostudy.get_trials(deepcopy=False)[self.numbers[trial_id]].params)
+        orphan = self._orphan()
+        trial = optuna.trial.Trial(self.ostudy, orphan._trial_id) if orphan is not None else self.ostudy.ask()
+        params = self.space(trial)  # an orphan's parameters are suggested again: Optuna returns its own
+        trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        self.numbers[trial_id], self._trials[trial_id] = trial.number, trial
+        return params
+
+    def _orphan(self) -> "optuna.trial.FrozenTrial | None":
+        """An Optuna trial asked for a Ray trial that Ray does not know (its driver was killed
+        before Ray saved the trial): the next Ray trial takes it over, so none is left running."""
+        known = set(self.numbers.values())
+        running = self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return next((t for t in running if t.number not in known and RAY_TRIAL_ATTR in t.user_attrs), None)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        value, step = result.get(self.study.tune_metric), result.get("training_iteration")
+        if trial_id in self.told or trial_id not in self.numbers or value is None or step is None:
+            return
+        try:
+            with warnings.catch_warnings():  # a period re-run after a restore was reported already
+                warnings.filterwarnings("ignore", message=".*is already reported")
+                self._trial(trial_id).report(float(value), int(step))
+        except (RuntimeError, ValueError) as e:  # told already, NaN
+            log.debug("intermediate value of trial %s not reported: %s", trial_id, e)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.told or trial_id not in self.numbers:
+            return
+        result = result or {}
+        self.on_trial_result(trial_id, result)  # Ray passes the result that ended a trial here only
+        status = trial_status(result, error, self.study)
+        value = result.get(self.study.tune_metric)
+        trial = self._trial(trial_id)
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("periods", int(result.get("training_iteration", 0)))
+        try:
+            if status == STATUS_ERRORED or value is None:
+                self.ostudy.tell(trial, state=TrialState.FAIL)
+            elif status == STATUS_STOPPED:  # Optuna takes the last intermediate value as its value
+                self.ostudy.tell(trial, state=TrialState.PRUNED)
+            else:
+                self.ostudy.tell(trial, float(value))
+        except (RuntimeError, ValueError) as e:  # told before the driver was killed
+            log.debug("trial %s not told again: %s", trial_id, e)
+        self.told.add(trial_id)
+
+    # -- Ray checkpoints the searcher with its experiment --------------------------------------
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            self.set_state(pickle.load(fh))
+
+    def get_state(self) -> dict[str, Any]:
+        return {"study": self.study, "journal": self.journal, "numbers": dict(self.numbers), "told": set(self.told)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.study, self.journal = state["study"], state["journal"]
+        self.numbers, self.told = dict(state["numbers"]), set(state["told"])
+        self.space, self._ostudy, self._trials = DefineByRun(self.study.params), None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ostudy": None, "_trials": {}}  # an open journal is reopened, not pickled

@@ -1,0 +1,157 @@
+"""The searcher, driven as Ray's controller drives it (suggest / on_trial_result / on_trial_complete),
+without training: what reaches the Optuna journal, and how a restored searcher carries on."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("ray")
+
+from lcl_tune.adapters.searcher import (StudySearcher, check_sampler_options, make_sampler,  # noqa: E402
+                                        sampler_kwargs)
+from lcl_tune.schema.study import load_study  # noqa: E402
+from lcl_tune.schema.trial import ConfigError  # noqa: E402
+
+TrialState = optuna.trial.TrialState
+METRIC = "best/dev/weighted_f1"
+
+
+def make_study(tmp_path: Path, space: dict | None = None, **search):
+    tree = {
+        "name": "unit",
+        "base": {"data": {"preset": "sst5"}, "train": {"max_steps": 40, "eval_every": 10}},
+        "metric": {"name": "dev/weighted_f1", "mode": "max"},
+        "space": {"loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
+                  "weighting.name": {"type": "categorical", "values": ["self", "ema"]},
+                  "weighting.ema_alpha": {"type": "uniform", "low": 0.5, "high": 0.99, "when": {"weighting.name": "ema"}}},
+        "search": {"sampler": "tpe", "seed": 0, "num_samples": 8, "max_concurrent": 2, **search},
+        "scheduler": {"name": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+    }
+    if space is not None:
+        tree["space"] = space
+    path = tmp_path / "unit.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return load_study(path)
+
+
+def report(searcher: StudySearcher, trial_id: str, periods: int, finished: bool = False) -> dict:
+    """Periods 1..``periods`` of a trial whose best-so-far metric climbs 0.5, 0.6, ...; as Ray does,
+    the last result (the one that ends the trial) is returned for ``on_trial_complete``, not reported."""
+    result = {}
+    for k in range(1, periods + 1):
+        result = {"training_iteration": k, METRIC: round(0.4 + 0.1 * k, 6), "finished": finished and k == periods}
+        if k < periods:
+            searcher.on_trial_result(trial_id, result)
+    return result
+
+
+def journal_trials(path: Path) -> list:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name="unit", storage=storage).get_trials(deepcopy=False)
+
+
+def test_stopped_trials_are_pruned_with_their_intermediate_values(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    searcher = StudySearcher(make_study(tmp_path), journal)
+    for tid in ("a", "b", "c"):
+        params = searcher.suggest(tid)
+        assert 0.05 <= params["loss.temperature"] <= 1.0
+        assert ("weighting.ema_alpha" in params) == (params["weighting.name"] == "ema")  # conditional
+    searcher.on_trial_complete("a", report(searcher, "a", 4, finished=True))  # ran its full length
+    searcher.on_trial_complete("b", report(searcher, "b", 1))  # ASHA stopped it after one period
+    searcher.on_trial_complete("c", report(searcher, "c", 2), error=True)
+
+    a, b, c = journal_trials(journal)  # read back from the file, as optuna-dashboard would
+    assert (a.state, a.value, a.intermediate_values) == (TrialState.COMPLETE, 0.8, {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8})
+    assert (b.state, b.value, b.intermediate_values) == (TrialState.PRUNED, 0.5, {1: 0.5})
+    assert (c.state, c.intermediate_values) == (TrialState.FAIL, {1: 0.5, 2: 0.6})
+    assert [t.user_attrs["ray_trial_id"] for t in (a, b, c)] == ["a", "b", "c"]
+    assert [t.user_attrs["status"] for t in (a, b, c)] == ["completed", "stopped early", "errored"]
+
+
+def test_a_running_study_is_readable_from_its_journal(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    searcher = StudySearcher(make_study(tmp_path), journal)
+    searcher.suggest("a"), searcher.suggest("b")
+    searcher.on_trial_complete("a", report(searcher, "a", 1))
+    states = [t.state for t in journal_trials(journal)]
+    assert states == [TrialState.PRUNED, TrialState.RUNNING]
+
+
+def test_a_restored_searcher_continues_the_same_study(tmp_path):
+    """Ray pickles the searcher with its experiment state; the journal holds the study."""
+    journal = tmp_path / "optuna.journal"
+    first = StudySearcher(make_study(tmp_path), journal)
+    params = first.suggest("a")
+    report(first, "a", 2)
+    first.save(str(tmp_path / "searcher.pkl"))
+    del first  # the driver dies
+
+    again = StudySearcher(make_study(tmp_path), journal)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.suggest("a") == params  # Ray asks again for a trial it already had
+    again.on_trial_complete("a", report(again, "a", 4, finished=True))
+    again.suggest("b")
+    trials = journal_trials(journal)
+    assert len(trials) == 2 and trials[0].state == TrialState.COMPLETE and len(trials[0].intermediate_values) == 4
+    assert pickle.loads(pickle.dumps(again)).numbers == {"a": 0, "b": 1}  # picklable, study reopened lazily
+
+
+def test_an_optuna_trial_of_a_ray_trial_lost_in_a_kill_is_taken_over(tmp_path):
+    """The driver asked Optuna for trial "b" after Ray last saved its state, then was killed: Ray
+    never knew "b" and starts a new trial instead; it must get "b"'s Optuna trial, not a new one."""
+    journal = tmp_path / "optuna.journal"
+    first = StudySearcher(make_study(tmp_path), journal)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save: it knows "a" only
+    lost = first.suggest("b")
+    del first
+
+    again = StudySearcher(make_study(tmp_path), journal)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert again.suggest("c") == lost
+    again.suggest("d")
+    trials = journal_trials(journal)
+    assert [t.user_attrs["ray_trial_id"] for t in trials] == ["a", "c", "d"]  # one Optuna trial per Ray trial
+
+
+def test_points_to_evaluate_come_first_and_only_once(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    study = make_study(tmp_path, points_to_evaluate=[{"loss.temperature": 0.3, "weighting.name": "self"}])
+    searcher = StudySearcher(study, journal)
+    assert searcher.suggest("a") == {"loss.temperature": 0.3, "weighting.name": "self"}
+    again = StudySearcher(study, journal)  # reopening the study does not enqueue the point again
+    assert again.ostudy.get_trials(states=(TrialState.WAITING,)) == []
+
+
+def test_sampler_arguments_follow_the_study(tmp_path):
+    kwargs = sampler_kwargs(make_study(tmp_path))
+    assert kwargs == {"seed": 0, "n_startup_trials": 2, "multivariate": True, "group": True, "constant_liar": True}
+    assert sampler_kwargs(make_study(tmp_path, sampler_options={"n_startup_trials": 5, "gamma": None}))[
+        "n_startup_trials"] == 5
+    assert isinstance(make_sampler(make_study(tmp_path, sampler="gp")), optuna.samplers.GPSampler)
+
+
+def test_an_unknown_sampler_option_is_a_one_line_error(tmp_path):
+    study = make_study(tmp_path, sampler_options={"n_startup_trial": 3})
+    with pytest.raises(ConfigError) as e:
+        check_sampler_options(study)
+    msg = str(e.value)
+    assert msg.startswith(f"{study.path}: search.sampler_options.n_startup_trial: not an option of the tpe sampler")
+    assert "did you mean 'n_startup_trials'?" in msg and "\n" not in msg
+
+
+def test_a_grid_study_suggests_every_point_once(tmp_path):
+    study = make_study(tmp_path, {"weighting.name": {"type": "categorical", "values": ["self", "ema", "uniform"]}},
+                       sampler="grid", num_samples=3)
+    searcher = StudySearcher(study, None)
+    seen = []
+    for tid in "abc":
+        seen.append(searcher.suggest(tid)["weighting.name"])
+        searcher.on_trial_complete(tid, report(searcher, tid, 4, finished=True))
+    assert sorted(seen) == ["ema", "self", "uniform"]

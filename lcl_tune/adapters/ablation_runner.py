@@ -8,16 +8,20 @@ Everything of an ablation lives in ``<storage>/<name>/``::
     tune/<name>.<arm>/   the optional per-arm tuning studies (see lcl_tune.adapters.study_runner)
     tuned.json       each arm's best parameters from its tuning phase
     cells/           one JSON per finished (arm, seed) cell: metrics, details, config, run ids
-    ray/run-<time>/  the Ray experiment of each invocation that had cells to run
+    final/           with --final: the same per arm and seed for the final phase (test split evaluated)
+    ray/cells-<k>/   the Ray experiments of the cells (an interrupted one is resumed by the next run)
     report/          report.md / report.tex / *.csv / arms.png (also `lcl-tune report DIR`)
 
-A rerun of the same command skips finished cells (and finished tuning phases).
+A rerun of the same command skips finished cells (and finished tuning phases), and continues the
+cells an interrupted run left unfinished from their checkpoints, in the same Ray experiment, so each
+cell keeps its one MLflow run.
 
 Adapter module: imports Ray (through :mod:`lcl_tune.adapters.study_runner`) and MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -33,15 +37,17 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
-from lcl_tune.util import log, write_json
+from lcl_tune.util import atomic_write, log, write_json
 
 CELL_DIR = "cells"
+FINAL_DIR = "final"  # --final: each arm's selected configuration, trained again, evaluated on test once
 
 
 def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, address: str | None = None,
-                 tracking_uri: str | None = None, command: str | None = None) -> Path:
+                 tracking_uri: str | None = None, command: str | None = None, final: bool = False) -> Path:
     """Run every unfinished cell of ``ab`` (after each arm's tuning phase, if any), then write the
-    report. Returns the ablation folder (on the driver; see :class:`~lcl_tune.adapters.study_runner.StudyPlace`)."""
+    report; with ``final``, then the final phase (:func:`run_final`). Returns the ablation folder
+    (on the driver; see :class:`~lcl_tune.adapters.study_runner.StudyPlace`)."""
     place = study_place(storage, ab.name)
     folder = place.folder
     _check_same_ablation(ab, folder)
@@ -54,17 +60,32 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
     arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
     if ab.tune:
-        tune_arms(ab, place, address, top.uri)  # the tuning studies share the ablation's store
+        tune_arms(ab, place, address, arm_targets)
 
     pending = [c["cell"] for c in ab.cells() if not (folder / CELL_DIR / f"{c['cell']}.json").exists()]
     done = len(ab.cells()) - len(pending)
     log.info(f"ablation {ab.name!r}: {len(ab.arms)} arms × {len(ab.seeds)} seeds = {len(ab.cells())} cells "
           f"({done} finished, {len(pending)} to run)")
     if pending:
-        run_cells(ab, place, pending, arm_targets, address)
+        run_cells(ab, place, pending, arm_targets, address, CELL_DIR)
     write_ablation_report(ab, folder, top, arm_targets)
+    if final:
+        run_final(ab, place, arm_targets, address)
     sync_up(place)
     return folder
+
+
+def run_final(ab: Ablation, place: StudyPlace, arm_targets: dict[str, T.TrackingTarget], address: str | None) -> None:
+    """The final phase: each arm's selected configuration (its tuned parameters, if it had a tuning
+    phase) trained on every seed again, the test split evaluated once at the end of each; then the
+    test-split report with the paired tests against the baseline and the paper-layout table. The
+    dev cells chose nothing here that the test split could leak into: selection ended before."""
+    final = dataclasses.replace(ab, final=True)
+    pending = [c["cell"] for c in final.cells() if not (place.folder / FINAL_DIR / f"{c['cell']}.json").exists()]
+    log.info(f"final phase: {len(final.cells())} cells on the test split ({len(pending)} to run)")
+    if pending:
+        run_cells(final, place, pending, arm_targets, address, FINAL_DIR)
+    write_test_report(final, place.folder)
 
 
 def _check_same_ablation(ab: Ablation, folder: Path) -> None:
@@ -84,9 +105,10 @@ def _check_same_ablation(ab: Ablation, folder: Path) -> None:
                               "rename the arm, or start a new name")
 
 
-def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, tracking_uri: str | None) -> None:
-    """Per-arm tuning phase: an Optuna/ASHA study inside each arm; its best params are kept in
-    ``tuned.json`` and used by the confirm phase (every seed, no early stopping)."""
+def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, arm_targets: dict[str, T.TrackingTarget]) -> None:
+    """Per-arm tuning phase: an Optuna/ASHA study inside each arm, on the selection seed; its best
+    params are kept in ``tuned.json`` and used by the confirm phase (every seed, no early stopping).
+    In MLflow each study sits under its arm: ablation → arm → tuning study → trials."""
     path = place.folder / "tuned.json"
     tuned = json.loads(path.read_text()) if path.exists() else {}
     storage = f"{place.remote}/tune" if place.remote else place.folder / "tune"
@@ -95,7 +117,7 @@ def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, tracking_uri
             study = ab.arm_study(arm)
             sub = study_place(storage, study.name, place.folder / "tune")
             table = run_study(study, storage, resume=tune.Tuner.can_restore(sub.ray_dir), address=address,
-                              tracking_uri=tracking_uri, local_dir=place.folder / "tune")
+                              local_dir=place.folder / "tune", tracking_parent=arm_targets[arm])
             best = best_row(table, study)
             if best is None:
                 raise RuntimeError(f"tuning arm {arm!r}: no trial finished; see {sub.folder}")
@@ -105,8 +127,11 @@ def tune_arms(ab: Ablation, place: StudyPlace, address: str | None, tracking_uri
 
 
 def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: dict[str, T.TrackingTarget],
-              address: str | None) -> None:
-    """One Ray experiment over ``cells`` (FIFO: ablations never stop a cell early)."""
+              address: str | None, cell_dir: str = CELL_DIR) -> None:
+    """The cells on Ray (FIFO: ablations never stop a cell early). An experiment an earlier,
+    interrupted run left with unfinished cells is resumed first (its cells continue from their
+    checkpoints, under their Ray trial ids, so in their MLflow runs); the cells no experiment holds
+    run in a new one."""
     import ray
 
     from lcl_tune.core.engine import prepare_trial_data
@@ -122,17 +147,41 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=ab, data=data, w_data=w_data, tracking=arm_targets),
         {"cpu": ab.cpu, "gpu": ab.gpu})
-    folder = place.folder
-    tuner = tune.Tuner(
+    def finished(cell: str) -> bool:
+        return (place.folder / cell_dir / f"{cell}.json").exists()
+
+    (place.folder / cell_dir).mkdir(parents=True, exist_ok=True)
+    experiments = _cell_experiments(place.folder, cell_dir)
+    restorable = {name: held for name, held in experiments.items()
+                  if tune.Tuner.can_restore(f"{place.ray_storage}/ray/{name}")}  # killed before Ray saved: rerun
+    for name, held in restorable.items():
+        if any(not finished(c) for c in held):
+            log.info(f"resuming the cells of {name}: {', '.join(c for c in held if not finished(c))}")
+            tune.Tuner.restore(f"{place.ray_storage}/ray/{name}", trainable, resume_unfinished=True,
+                               resume_errored=True).fit()
+    held = {c for cells_of in restorable.values() for c in cells_of}
+    new = [c for c in cells if c not in held and not finished(c)]
+    if not new:
+        return
+    name = f"{cell_dir}-{len(experiments) + 1}"
+    (place.folder / "ray").mkdir(parents=True, exist_ok=True)
+    write_json(place.folder / "ray" / f"{name}.json", new)  # which cells this experiment holds, before it runs
+    tune.Tuner(
         trainable,
-        param_space={"cell": tune.grid_search(cells)},
+        param_space={"cell": tune.grid_search(new)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=None),
         run_config=tune.RunConfig(
-            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{place.ray_storage}/ray", verbose=1,
-            callbacks=[CellRecorder(folder, arm_targets, ab.cpu, ab.gpu)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=ab.max_retries)))
-    tuner.fit()
+            name=name, storage_path=f"{place.ray_storage}/ray", verbose=1,
+            callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=ab.metric,
+                                                    checkpoint_score_order=ab.mode),  # best period + latest
+            failure_config=tune.FailureConfig(max_failures=ab.max_retries))).fit()
+
+
+def _cell_experiments(folder: Path, cell_dir: str) -> dict[str, list[str]]:
+    """The Ray experiments of ``cell_dir``'s cells, oldest first, with the cells each holds."""
+    manifests = sorted((folder / "ray").glob(f"{cell_dir}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    return {p.stem: json.loads(p.read_text()) for p in manifests}
 
 
 def _data_identity(cfg: Any) -> str:
@@ -144,8 +193,8 @@ class CellRecorder(tune.Callback):
     """Writes ``cells/<arm>__seed<k>.json`` the moment a cell finishes (so a killed driver loses no
     finished cell) and closes its MLflow run."""
 
-    def __init__(self, folder: Path, arm_targets: dict[str, T.TrackingTarget], cpu: float, gpu: float):
-        self.folder, self.arm_targets, self.cpu, self.gpu = folder, arm_targets, cpu, gpu
+    def __init__(self, cell_dir: Path, arm_targets: dict[str, T.TrackingTarget], cpu: float, gpu: float):
+        self.cell_dir, self.arm_targets, self.cpu, self.gpu = cell_dir, arm_targets, cpu, gpu
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = dict(trial.last_result or {})
@@ -155,7 +204,7 @@ class CellRecorder(tune.Callback):
         record = {"arm": arm, "seed": seed, "trial_id": trial.trial_id,
                   "metrics": {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                   "details": result_details(result)}
-        write_json(self.folder / CELL_DIR / f"{cell_name(arm, seed)}.json", record, indent=1)
+        write_json(self.cell_dir / f"{cell_name(arm, seed)}.json", record, indent=1)
         self._close(trial, arm, result, "completed")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -168,20 +217,21 @@ class CellRecorder(tune.Callback):
                       step=int(result.get("step", 0)), details=result_details(result))
 
 
-def load_cells(folder: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((folder / CELL_DIR).glob("*.json"))]
+def load_cells(folder: Path, cell_dir: str = CELL_DIR) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((folder / cell_dir).glob("*.json"))]
 
 
-def cells_table(folder: Path):
-    """One row per finished cell: arm, seed, final dev metrics, details (JSON), trial id."""
+def cells_table(folder: Path, cell_dir: str = CELL_DIR):
+    """One row per finished cell: arm, seed, final dev (and, in the final phase, test) metrics,
+    details (JSON), trial id."""
     import pandas as pd
 
+    keys = [f"{split}/{m}" for split in ("dev", "test") for m in ("accuracy", "macro_f1", "weighted_f1", "loss")]
     rows = []
-    for cell in load_cells(folder):
+    for cell in load_cells(folder, cell_dir):
         m = cell["metrics"]
         rows.append({"arm": cell["arm"], "seed": cell["seed"], "trial_id": cell["trial_id"],
-                     **{k: m.get(k) for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1", "dev/loss",
-                                              "best/dev/weighted_f1", "time_total_s")},
+                     **{k: m.get(k) for k in (*keys, "best/dev/weighted_f1", "time_total_s") if k in m},
                      "details": json.dumps(cell["details"])})
     return pd.DataFrame(rows)
 
@@ -194,7 +244,8 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
     table = cells_table(folder)
     if not len(table):
         raise RuntimeError(f"no finished cells in {folder / CELL_DIR}")
-    rep = R.summarise(R.cells_from_table(table), baseline=ab.baseline)
+    selection = [ab.selection_seed] if ab.selection_seed is not None else None
+    rep = R.summarise(R.cells_from_table(table), baseline=ab.baseline, selection_seeds=selection)
     out = folder / "report"
     out.mkdir(exist_ok=True)
     files = R.write_report(rep, out)
@@ -205,6 +256,25 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
     log.info(f"report: {out / 'report.md'}")
     if top is not None and arm_targets is not None:
         log_report_to_mlflow(rep, ab, table, top, arm_targets, list(files.values()) + [out / "cells.parquet"])
+    return files
+
+
+def write_test_report(ab: Ablation, folder: Path) -> dict[str, Path]:
+    """The final phase's report on the test split (``report/test/``): mean ± 95% CI per arm, paired
+    tests against the baseline, and ``paper_table.tex`` in the layout of the paper's Table 1."""
+    from lcl_tune.analysis import report as R
+
+    table = cells_table(folder, FINAL_DIR)
+    if not len(table):
+        raise RuntimeError(f"no finished final cells in {folder / FINAL_DIR}")
+    selection = [ab.selection_seed] if ab.selection_seed is not None else None
+    rep = R.summarise(R.cells_from_table(table, prefix="test/"), baseline=ab.baseline, selection_seeds=selection)
+    out = folder / "report" / "test"
+    files = R.write_report(rep, out)
+    dataset = ab.base.get("data", {}).get("preset") or ab.name
+    files["paper"] = atomic_write(out / "paper_table.tex", R.paper_table({dataset: rep}))
+    log.info("\ntest split:\n" + R.to_markdown(rep))
+    log.info(f"test report: {out / 'report.md'}; paper table: {files['paper']}")
     return files
 
 

@@ -115,8 +115,10 @@ def sync_up(place: StudyPlace, names: tuple[str, ...] = ("study.yaml", "ablation
 
 def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: bool = False,
               address: str | None = None, tracking_uri: str | None = None, command: str | None = None,
-              verbose: int = 1, local_dir: str | os.PathLike | None = None) -> "Any":
-    """Run (or resume) ``study``; returns the results table (a pandas DataFrame)."""
+              verbose: int = 1, local_dir: str | os.PathLike | None = None,
+              tracking_parent: "T.TrackingTarget | None" = None) -> "Any":
+    """Run (or resume) ``study``; returns the results table (a pandas DataFrame). With
+    ``tracking_parent`` (an ablation's arm) the study's run nests under that run, in its experiment."""
     place = study_place(storage, study.name, local_dir)
     folder, ray_dir = place.folder, place.ray_dir
     check_sampler_options(study)
@@ -125,7 +127,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     _write_study(study, folder, command)
     # The MLflow store, experiment and parent run exist before any trial starts (and are found
     # again on resume); an unreachable tracking server fails here, before Ray starts.
-    target = T.start_study(study.name, folder, kind="study", uri=tracking_uri,
+    target = T.start_study(study.name, folder, kind="study", uri=tracking_uri, parent=tracking_parent,
                            artifacts=[folder / "study.yaml", folder / "command.txt"])
 
     t_prepare = time.time()
@@ -282,7 +284,9 @@ def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "t
         sort_by_metric=True)
     return tune.RunConfig(
         name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep),
+        # the best periods by the study metric (and, always, the latest: resume needs it)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep, checkpoint_score_attribute=study.metric,
+                                                checkpoint_score_order=study.mode),
         failure_config=tune.FailureConfig(max_failures=study.max_retries))
 
 

@@ -169,11 +169,16 @@ def _quote(value: str) -> str:
 
 
 def start_study(name: str, folder: Path, *, kind: str = "study", uri: str | None = None,
-                extra_tags: Mapping[str, str] | None = None, artifacts: Iterable[Path] = ()) -> TrackingTarget:
-    """Experiment + parent run for the study in ``folder`` (the same parent again on resume)."""
-    uri = uri or default_uri(store_root(folder))
+                extra_tags: Mapping[str, str] | None = None, artifacts: Iterable[Path] = (),
+                parent: TrackingTarget | None = None) -> TrackingTarget:
+    """Experiment + parent run for the study in ``folder`` (the same parent again on resume); with
+    ``parent``, the study's run is a child of that run, in its store and experiment (the tuning
+    study of an ablation's arm)."""
+    uri = parent.uri if parent is not None else (uri or default_uri(store_root(folder)))
     client = open_store(uri)
-    exp_id = get_or_create_experiment(client, name, artifact_root(uri))
+    exp_id = parent.experiment_id if parent is not None else get_or_create_experiment(client, name, artifact_root(uri))
+    if parent is not None:
+        extra_tags = {TAG_PARENT: parent.parent_run_id, **(extra_tags or {})}
     found = find_runs(client, exp_id, {TAG_ROLE: kind, TAG_FOLDER: str(folder)})
     if found:
         run_id = found[0].info.run_id

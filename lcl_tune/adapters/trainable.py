@@ -86,8 +86,9 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
     start = time.time()
     node_id = ray.get_runtime_context().get_node_id()
     for report in trainer.run():
-        details = {**report.pop("details"), "trial_config": cfg.to_dict(), "data_fingerprint": trainer.data.fingerprint}
         metrics = {k: v for k, v in report.items() if isinstance(v, (int, float, bool))}
+        details = {**report.pop("details"), "trial_config": cfg.to_dict(), "data_fingerprint": trainer.data.fingerprint,
+                   "metrics": dict(metrics)}  # this period's values: export picks the best period's checkpoint
         metrics["time/trial_wall_s"] = time.time() - start
         if run is not None:  # before tune.report: a trial that ASHA stops never returns from it
             run.log_report(metrics, step=report["step"])

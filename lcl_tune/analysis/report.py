@@ -219,10 +219,11 @@ class AblationReport:
     arms: pd.DataFrame
     per_class: pd.DataFrame
     confused_pairs: pd.DataFrame
+    selection_seeds: list[int] | None = None  # the seeds a tuning phase selected the configurations on
 
 
 def summarise(cells: Sequence[Cell], baseline: str, metrics: Sequence[str] = DEFAULT_METRICS,
-              confidence: float = 0.95, top_k: int = 5) -> AblationReport:
+              confidence: float = 0.95, top_k: int = 5, selection_seeds: Sequence[int] | None = None) -> AblationReport:
     """Build the report: arm statistics, per-class differences and confused pairs.
 
     Paired quantities (``diff``, its CI, both p-values) use only the seeds present, with a finite
@@ -242,6 +243,7 @@ def summarise(cells: Sequence[Cell], baseline: str, metrics: Sequence[str] = DEF
         arms=_arms_table(values, arm_order, baseline, metrics, confidence),
         per_class=per_class_table(cells, arm_order, baseline, labels),
         confused_pairs=confused_pairs_table(cells, arm_order, baseline, labels, top_k),
+        selection_seeds=sorted(selection_seeds) if selection_seeds is not None else None,
     )
 
 
@@ -531,7 +533,21 @@ def design_sentence(report: AblationReport) -> str:
             f"seeds both finished (n paired). Δ is their mean with a {conf} Student-t interval; p-values "
             f"come from a two-sided paired t-test and a Wilcoxon signed-rank test, Holm-corrected over the "
             f"{n_other} non-baseline arm(s), per metric and test. With n paired seeds the smallest "
-            f"possible Wilcoxon p is 2/2^n ({2 / 2 ** max(len(base_seeds), 1):.3g} for {len(base_seeds)} seeds).")
+            f"possible Wilcoxon p is 2/2^n ({2 / 2 ** max(len(base_seeds), 1):.3g} for {len(base_seeds)} seeds). "
+            + _selection_sentence(report.selection_seeds, all_seeds))
+
+
+def _selection_sentence(selected: list[int] | None, measured: list[int]) -> str:
+    """Which seeds chose each arm's configuration, and whether they also scored it."""
+    if selected is None:
+        return "No tuning phase: each arm runs its configuration as written."
+    both = sorted(set(selected) & set(measured))
+    text = (f"Each arm's configuration was selected by a tuning phase on seed(s) {', '.join(map(str, selected))} "
+            f"and measured on seed(s) {', '.join(map(str, measured))}")
+    if both:
+        return text + (f"; seed(s) {', '.join(map(str, both))} both selected and measured (tune.allow_seed_overlap), "
+                       "so those cells are optimistically biased.")
+    return text + ", disjoint from them."
 
 
 def _md_metric_row(report: AblationReport, arm: str, r: pd.Series, digits: int) -> dict[str, str]:
@@ -658,6 +674,27 @@ def to_latex(report: AblationReport, metric_order: Sequence[str] | None = None, 
            .to_latex(hrules=True, column_format="lr" + "ccc" * len(metrics), multicol_align="c"))
     return (f"% Ablation vs baseline {report.baseline}; paired over seeds; p: Holm-corrected "
             f"(paired t-test / Wilcoxon). Requires \\usepackage{{booktabs}}.\n" + _with_cmidrules(tex, len(metrics)))
+
+
+def paper_table(reports: Mapping[str, AblationReport], metrics: Sequence[str] = ("accuracy", "weighted_f1")) -> str:
+    """The layout of the LCL paper's Table 1: one row per arm, per dataset its accuracy and
+    weighted-F1 in percent over seeds, the std in parentheses, the best mean of a column bold.
+    ``reports``: dataset name -> the test-split report of that dataset's ablation. Needs booktabs."""
+    columns = {}
+    for dataset, report in reports.items():
+        for metric in metrics:
+            t, best = metric_table(report, metric), _safe_best(report, metric)
+            columns[(dataset, _pretty(metric))] = [
+                (rf"\textbf{{{100 * r['mean']:.1f}}}" if arm == best else f"{100 * r['mean']:.1f}") + f" ({100 * r['std']:.1f})"
+                for arm, r in t.iterrows()]
+            arms = list(t.index)
+    cells = pd.DataFrame(columns, index=arms)
+    cells.columns.names = [None, "Arm"]
+    tex = (cells.style.format_index(escape="latex", axis=0).format_index(escape="latex", axis=1, level=0)
+           .to_latex(hrules=True, column_format="l" + "cc" * len(reports), multicol_align="c"))
+    n = sorted({len(s) for r in reports.values() for s in r.seeds.values()})
+    return (f"% Test split, mean (std) over {'/'.join(map(str, n))} seeds, in percent. Requires \\usepackage{{booktabs}}.\n"
+            + tex)
 
 
 def _safe_best(report: AblationReport, metric: str) -> str | None:

@@ -71,18 +71,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     ab = load_ablation(args.ablation, args.set or [])  # every check runs before Ray starts
     from lcl_tune.adapters.ablation_runner import run_ablation
 
-    run_ablation(ab, args.storage, address=args.address, tracking_uri=args.tracking_uri)
+    run_ablation(ab, args.storage, address=args.address, tracking_uri=args.tracking_uri, final=args.final)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lcl_tune.adapters.ablation_runner import write_ablation_report
+    import dataclasses
+
+    from lcl_tune.adapters.ablation_runner import FINAL_DIR, write_ablation_report, write_test_report
     from lcl_tune.schema.ablation import load_ablation
 
     folder = Path(args.dir).resolve()
     if not (folder / "ablation.yaml").is_file():
         raise ConfigError("DIR", f"no ablation.yaml in {folder}", "pass the folder of an `lcl-tune ablate` run")
-    write_ablation_report(load_ablation(folder / "ablation.yaml", check_files=False), folder)
+    ab = load_ablation(folder / "ablation.yaml", check_files=False)
+    write_ablation_report(ab, folder)
+    if any((folder / FINAL_DIR).glob("*.json")):  # the final phase ran: its test-split report too
+        write_test_report(dataclasses.replace(ab, final=True), folder)
     return 0
 
 
@@ -209,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--storage", default="lcl_runs")
     a.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     a.add_argument("--tracking-uri", help="MLflow tracking server (default: the SQLite store STORAGE/mlflow.db)")
+    a.add_argument("--final", action="store_true",
+                   help="then train each arm's selected configuration on every seed again and evaluate the test split "
+                        "once per seed: report/test/ (mean ± 95%% CI, paired tests, paper_table.tex)")
     a.set_defaults(func=cmd_ablate)
 
     r = sub.add_parser("report", help="(re)write the statistics report of an ablation folder")

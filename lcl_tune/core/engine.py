@@ -135,6 +135,8 @@ class Trainer:
                 self.weighting.classifier.compile()
 
         self.steps_per_epoch, self.total_steps, self.eval_every = cfg.schedule(len(data.train))
+        # train.stop_step ends training early on the full schedule: the state a study selected at that step
+        self.end_step = min(self.total_steps, t.stop_step or self.total_steps)
         warmup = int(o.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(warmup, self.total_steps))
 
@@ -144,16 +146,18 @@ class Trainer:
         self.best_step = 0
         self.history: list[dict[str, float]] = []
         self.train_seconds = 0.0
+        self.test: dict[str, Any] | None = None  # the test split's evaluation, when train.eval_test asks
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> Iterator[Report]:
-        """Train to ``total_steps``; yield a report after every evaluation period."""
+        """Train to ``end_step`` (``total_steps`` unless ``train.stop_step``); yield a report after
+        every evaluation period."""
         t = self.cfg.train
         sums: dict[str, torch.Tensor] = {}  # loss parts summed on the device: no host sync per step
         n = 0
         window_start, window_samples = time.perf_counter(), 0
-        while self.step < self.total_steps:
+        while self.step < self.end_step:
             for rows in self.epoch_batches(self.step // self.steps_per_epoch)[self.step % self.steps_per_epoch:]:
                 t0 = time.perf_counter()  # (resumed runs skip the batches they already did)
                 parts = self._step(rows)
@@ -162,8 +166,8 @@ class Trainer:
                     sums[k] = sums[k] + v if k in sums else v
                 n += 1
                 window_samples += len(rows)
-                log_now = self.progress and (self.step % t.log_every == 0 or self.step == self.total_steps)
-                eval_now = self.step % self.eval_every == 0 or self.step == self.total_steps
+                log_now = self.progress and (self.step % t.log_every == 0 or self.step == self.end_step)
+                eval_now = self.step % self.eval_every == 0 or self.step == self.end_step
                 if log_now or eval_now:
                     t1 = time.perf_counter()
                     means = {k: float(v) / n for k, v in sums.items()}  # the one host sync of a window
@@ -175,7 +179,7 @@ class Trainer:
                 if eval_now:
                     yield self._report(means)
                     sums, n = {}, 0
-                if self.step >= self.total_steps:
+                if self.step >= self.end_step:
                     break
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -200,9 +204,11 @@ class Trainer:
             total, parts = self.objective(batch)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if self.cfg.optim.max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        if self.cfg.optim.max_grad_norm > 0:  # per network: a weighting encoder's gradients never shrink the main one's
+            for net in (self.model, self.weighting):
+                params = [p for p in net.parameters() if p.grad is not None] if net is not None else []
+                if params:
+                    torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -280,11 +286,16 @@ class Trainer:
             "best/step": self.best_step,
             "time/train_s": self.train_seconds,
             "time/samples_per_s": self.samples / max(self.train_seconds, 1e-9),
-            "finished": self.step >= self.total_steps,
+            "finished": self.step >= self.end_step,
         }
+        details = {"label_names": self.data.label_names, "dev/per_class_f1": dev["per_class_f1"],
+                   "dev/confusion": dev["confusion"]}
+        if report["finished"] and t.eval_test and self.data.test is not None:  # once, at the end, never earlier
+            self.test = self.evaluate("test")
+            report.update({f"test/{k}": self.test[k] for k in ("loss", "accuracy", "macro_f1", "weighted_f1")})
+            details.update({"test/per_class_f1": self.test["per_class_f1"], "test/confusion": self.test["confusion"]})
         self.history.append({k: v for k, v in report.items() if isinstance(v, (int, float))})
-        report["details"] = {"label_names": self.data.label_names, "dev/per_class_f1": dev["per_class_f1"],
-                             "dev/confusion": dev["confusion"]}
+        report["details"] = details
         if self.progress:
             self.log(f"eval step {self.step}: dev acc {dev['accuracy']:.4f} macro-F1 {dev['macro_f1']:.4f} "
                      f"weighted-F1 {dev['weighted_f1']:.4f} (best {t.metric} {self.best:.4f} @ {self.best_step})")
@@ -310,8 +321,8 @@ class Trainer:
                    "history": self.history, "label_names": self.data.label_names,
                    "data_fingerprint": self.data.fingerprint, "majority_dev_accuracy": majority_accuracy(self.data),
                    "wall_s": time.perf_counter() - start}
-        if self.cfg.train.eval_test and self.data.test is not None:
-            summary["test"] = self.evaluate("test")
+        if self.test is not None:
+            summary["test"] = self.test
         return summary
 
     # ------------------------------------------------------------------ checkpoints

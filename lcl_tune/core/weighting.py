@@ -125,11 +125,15 @@ class SelfWeighting(WeightingNetwork):
 
 @register
 class EMAWeighting(WeightingNetwork):
-    """Per-example moving average of the main classifier's detached softmax.
+    """Per-example moving average of the main classifier's detached softmax, bias-corrected.
 
-    Smooths the noisy single-step estimate of ``self``: row ``i``'s weights are
-    ``alpha * old_i + (1 - alpha) * softmax_i`` (updated only while training), starting uniform.
-    The N×C table is a buffer, so it is saved and restored with checkpoints.
+    Smooths the noisy single-step estimate of ``self``: row ``i`` keeps
+    ``m_i = alpha * m_i + (1 - alpha) * softmax_i`` (updated only while training) and is weighted by
+    ``m_i / (1 - alpha ** n_i)`` after its ``n_i``-th visit, as Adam corrects its moments. Without
+    the correction a table started at 1/C stays near uniform until a row has been seen many times:
+    in a one-epoch run, where no row is seen twice, ``ema`` would be ``uniform``. Corrected, a row's
+    first visit gives its current softmax (``self``) and later visits average over epochs.
+    The table and the visit counts are buffers, so checkpoints save and restore them.
     """
 
     name = "ema"
@@ -138,7 +142,8 @@ class EMAWeighting(WeightingNetwork):
     def __init__(self, num_labels: int, num_examples: int, alpha: float):
         super().__init__(num_labels)
         self.alpha = alpha
-        self.register_buffer("table", torch.full((num_examples, num_labels), 1.0 / num_labels))
+        self.register_buffer("table", torch.zeros(num_examples, num_labels))
+        self.register_buffer("visits", torch.zeros(num_examples, dtype=torch.long))
 
     @classmethod
     def build(cls, cfg, num_labels, num_examples, make_classifier):
@@ -147,10 +152,12 @@ class EMAWeighting(WeightingNetwork):
     def forward(self, batch, main_logits, lam):
         idx = batch["idx"]
         current = F.softmax(main_logits.detach().float(), dim=-1)
-        if self.training:
-            self.table[idx] = self.alpha * self.table[idx] + (1 - self.alpha) * current
-            return WeightOutput(self.table[idx].clone())
-        return WeightOutput(current)
+        if not self.training:
+            return WeightOutput(current)
+        self.table[idx] = self.alpha * self.table[idx] + (1 - self.alpha) * current
+        self.visits[idx] += 1
+        correction = 1.0 - self.alpha ** self.visits[idx].to(current.dtype)
+        return WeightOutput(self.table[idx] / correction.clamp_min(1e-12).unsqueeze(-1))
 
 
 @register

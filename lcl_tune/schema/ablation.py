@@ -21,10 +21,16 @@ differences between arms measure the arms, not the luck of the draw::
       space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-4}}
       search: {num_samples: 8}
       scheduler: {max_t: 4}
+      seed: 0                          # the seed that selects (default 0): never one of the seeds that measure
     resources: {cpu: 1, gpu: 0}
 
 Factor combinations that cannot differ are merged: the weighting network only matters to LCL with
 ``λ < 1``, so ``ce × {separate, self, uniform}`` is one arm, ``ce``.
+
+Selection without leakage: the tuning phase trains on ``tune.seed``, which must not be one of the
+``seeds`` that then measure the selected configurations (the best of N draws scored on the seed it
+was picked on is optimistic: the winner's curse). ``tune.allow_seed_overlap: true`` permits it,
+and the report says so.
 """
 
 from __future__ import annotations
@@ -38,11 +44,13 @@ from typing import Any, Mapping
 
 from lcl_tune.schema import trial as C
 from lcl_tune.schema.trial import ConfigError
-from lcl_tune.schema.study import SECTION_KEYS, Study, apply_overrides, base_tree, load_spec, parse_metric, trial_key
+from lcl_tune.schema.study import (SECTION_KEYS, Study, apply_overrides, base_tree, check_no_test_split, load_spec,
+                                   parse_metric, trial_key)
 
 ABLATION_KEYS = ("name", "description", "base", "fixed", "metric", "baseline", "arms", "factors", "seeds", "tune",
                  "resources", "failure")
-TUNE_KEYS = ("space", "search", "scheduler", "checkpoint")
+TUNE_KEYS = ("space", "search", "scheduler", "checkpoint", "seed", "allow_seed_overlap")
+DEFAULT_TUNE_SEED = 0
 
 
 @dataclass
@@ -62,12 +70,15 @@ class Ablation:
     max_retries: int = 2
     description: str = ""
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # arm -> best params of its tuning phase
+    final: bool = False  # the final phase: each arm's selected configuration, the test split evaluated once
 
     # Duck-types the parts of Study that the trainable uses: trial_config(params), cpu, name.
     def trial_config(self, params: Mapping[str, Any]) -> C.TrialConfig:
         """The config of a cell: base + arm overrides (+ its tuned params) + seed."""
         arm, seed = cell_of(params)
-        return self.config_for({**self.arms[arm], **self.tuned.get(arm, {})}, seed)
+        cfg = self.config_for({**self.arms[arm], **self.tuned.get(arm, {})}, seed)
+        cfg.train.eval_test = self.final
+        return cfg
 
     def config_for(self, overrides: Mapping[str, Any], seed: int) -> C.TrialConfig:
         tree = copy.deepcopy(self.base)
@@ -79,8 +90,9 @@ class Ablation:
     def run_labels(self, params: Mapping[str, Any]) -> tuple[str | None, dict[str, str]]:
         """A cell's MLflow run: ``<arm>·seed <k>``, nested under its arm's run (the third level)."""
         arm, seed = cell_of(params)
-        return (f"{arm}·seed {seed}", {"lcl_tune.role": "seed", "lcl_tune.ablation": self.name,
-                                       "lcl_tune.arm": arm, "lcl_tune.seed": str(seed)})
+        stage = "test" if self.final else "seed"
+        return (f"{arm}·{'test·' if self.final else ''}seed {seed}",
+                {"lcl_tune.role": stage, "lcl_tune.ablation": self.name, "lcl_tune.arm": arm, "lcl_tune.seed": str(seed)})
 
     def cells(self) -> list[dict[str, Any]]:
         """Every cell as trial params: ``{"cell": "<arm>__seed<k>"}``."""
@@ -91,16 +103,22 @@ class Ablation:
         return f"best/{self.metric}"
 
     def arm_study(self, arm: str) -> Study:
-        """The tuning phase of one arm: a study whose base is the arm's config (first seed)."""
+        """The tuning phase of one arm: a study whose base is the arm's config on the selection seed."""
         from lcl_tune.schema.study import parse_study
 
         assert self.tune is not None
-        base = self.trial_config({"arm": arm, "seed": self.seeds[0]}).to_dict()
+        base = self.trial_config({"arm": arm, "seed": self.selection_seed}).to_dict()
         base.get("train", {}).pop("metric", None)
+        sections = {k: v for k, v in copy.deepcopy(self.tune).items() if k not in ("seed", "allow_seed_overlap")}
         tree = {"name": f"{self.name}.{arm}", "base": base, "metric": {"name": self.metric, "mode": self.mode},
                 "resources": {"cpu": self.cpu, "gpu": self.gpu}, "failure": {"max_retries": self.max_retries},
-                **copy.deepcopy(self.tune)}
+                **sections}
         return parse_study(tree, Path(self.path), (), False)
+
+    @property
+    def selection_seed(self) -> int | None:
+        """The seed the tuning phase selects on (None without a tuning phase)."""
+        return int(self.tune.get("seed", DEFAULT_TUNE_SEED)) if self.tune else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "base": self.base,
@@ -173,11 +191,11 @@ def _parse_ablation(tree: dict[str, Any], path: Path, overrides, check_files: bo
     C.check(ablation.baseline in ablation.arms, "baseline", f"{ablation.baseline!r} is not an arm",
             C.hint(ablation.baseline, tuple(ablation.arms)))
     if tree.get("tune"):
-        ablation.tune = _tune_section(tree["tune"])
+        ablation.tune = _tune_section(tree["tune"], ablation.seeds)
         for arm in ablation.arms:  # each arm's tuning study must validate
             ablation.arm_study(arm)
     for arm in ablation.arms:
-        ablation.trial_config({"arm": arm, "seed": ablation.seeds[0]})
+        check_no_test_split(ablation.trial_config({"arm": arm, "seed": ablation.seeds[0]}), f"arms.{arm}")
     if check_files:
         C.from_dict(ablation.base, base_dir=base_dir, check_files=True)
     return ablation
@@ -229,9 +247,15 @@ def _effective(ablation: Ablation, overrides: Mapping[str, Any], where: str) -> 
     return repr(sorted(flat.items()))
 
 
-def _tune_section(tune: Any) -> dict[str, Any]:
+def _tune_section(tune: Any, seeds: list[int]) -> dict[str, Any]:
     C.check(isinstance(tune, Mapping) and "space" in tune, "tune", "needs a space (and optionally search, scheduler)",
             "write tune: {space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-4}}}")
     for key in tune:
         C.check(key in TUNE_KEYS, f"tune.{key}", "unknown key", C.hint(str(key), TUNE_KEYS))
-    return dict(tune)
+    tune = {**tune, "seed": C.coerce("tune.seed", tune.get("seed", DEFAULT_TUNE_SEED), int),
+            "allow_seed_overlap": C.coerce("tune.allow_seed_overlap", tune.get("allow_seed_overlap", False), bool)}
+    C.check(tune["allow_seed_overlap"] or tune["seed"] not in seeds, "tune.seed",
+            f"seed {tune['seed']} selects the configurations and is also one of the seeds that measure them "
+            f"({seeds}), so one cell per arm would be scored on the draw it was picked on",
+            f"use a tuning seed outside seeds (e.g. tune.seed: {max(seeds) + 1}), or set tune.allow_seed_overlap: true")
+    return tune

@@ -412,6 +412,13 @@ def _check_schedule(study: Study, max_t_given: bool) -> None:
     check_schedule(study, None, max_t_given=max_t_given)
 
 
+def check_no_test_split(cfg: C.TrialConfig, key: str) -> None:
+    """Selection (a study's trials, an ablation's cells) never looks at the test split: a choice
+    made with it would be scored on the data that should judge it."""
+    C.check(not cfg.train.eval_test, key, "a study or ablation selects on dev and never evaluates the test split",
+            "leave it false; the test split is evaluated by lcl-tune train --final or lcl-tune ablate --final")
+
+
 def _check_params(study: Study, check_files: bool) -> None:
     """Every value a parameter can take must give a valid trial config (checked at its bounds and
     for every categorical value), and ``when`` must refer to categorical parameters."""
@@ -428,7 +435,9 @@ def _check_params(study: Study, check_files: bool) -> None:
         C.check(0.0 not in (lam.values if lam.type == "categorical" else [lam.low]), "space.loss.lam",
                 "λ = 0 gives the classification head no gradient (its CE term has weight 0), so such a trial "
                 "cannot train a classifier", "bound λ away from 0, e.g. low: 0.05")
-    study.trial_config({})  # the base itself (files checked below, once)
+    check_no_test_split(study.trial_config({}), "base.train.eval_test")  # the base itself (files checked below)
+    C.check("train.eval_test" not in by_key, "space.train.eval_test", "a study never looks at the test split",
+            "remove it from the space")
     for p in study.params:
         for value in (p.values if p.type == "categorical" else [p.low, p.high]):
             try:

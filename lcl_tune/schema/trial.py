@@ -142,6 +142,7 @@ class TrainConfig:
     batch_size: int = 32
     eval_batch_size: int = 128
     eval_every: int | None = None  # evaluate every N optimiser steps; default once per epoch
+    stop_step: int | None = None  # stop at this step of the full schedule (export sets it: the selected state)
     log_every: int = 20  # progress line every N steps
     metric: str = "weighted_f1"  # dev metric that selects the best evaluation: accuracy | macro_f1 | weighted_f1 | loss
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPU only, ignored with a warning on CPU)
@@ -434,6 +435,8 @@ def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
     check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1", "use e.g. 128")
     check(t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be > 0",
            "leave it unset (once per epoch) or use e.g. 100")
+    check(t.stop_step is None or t.stop_step > 0, "train.stop_step", "must be > 0",
+          "leave it unset (train the whole schedule) or give the step to stop at")
     check(t.log_every > 0, "train.log_every", "must be > 0", "use e.g. 20")
     check(t.pad_to is None or t.pad_to >= 8, "train.pad_to", f"must be >= 8, got {t.pad_to}",
           "leave it unset (dynamic padding) or use model.max_length")

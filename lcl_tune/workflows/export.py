@@ -61,25 +61,42 @@ def _export_study(folder: Path, select: str) -> dict[str, Any]:
     study = load_study(folder / "study.yaml", check_files=False)
     row = best_row(pd.read_parquet(results), study)
     C.check(row is not None, "DIR", "no trial of this study finished", "look at the errors in results.parquet")
-    details = _latest_details(row["path"])
+    details, checkpoint = best_checkpoint(row["path"], study.metric, study.mode)
+    selected = details.get("metrics", {})
+    step = int(selected.get("step", row.get("step", 0)))
     selection = {"rule": "best", "metric": study.tune_metric, "value": float(row[study.tune_metric]),
-                 "final": {k: float(row[k]) for k in ("dev/accuracy", "dev/macro_f1", "dev/weighted_f1") if k in row},
-                 "trial_id": row["trial_id"], "status": row["status"]}
-    return _document(details["trial_config"], "study", study.name, folder, row["trial_id"], selection,
+                 "final": {k: float(selected.get(k, row.get(k))) for k in ("dev/accuracy", "dev/macro_f1",
+                                                                            "dev/weighted_f1") if k in selected or k in row},
+                 "trial_id": row["trial_id"], "status": row["status"], "step": step, "checkpoint": checkpoint}
+    config = details["trial_config"]
+    config.setdefault("train", {})["stop_step"] = step  # train --final stops where the selected period ended
+    return _document(config, "study", study.name, folder, row["trial_id"], selection,
                      details.get("data_fingerprint"))
 
 
-def _latest_details(trial_dir: str) -> dict[str, Any]:
-    """``details.json`` of the trial's newest checkpoint (a local folder or a storage URI): the
-    exact config the trial trained with."""
+def best_checkpoint(trial_dir: str, metric: str, mode: str) -> tuple[dict[str, Any], str]:
+    """``details.json`` and path of the trial's checkpoint with the best ``metric`` (the period the
+    study selected it by; the earliest of equals), in a local folder or a storage URI. Checkpoints
+    written before they carried their metrics count as their own latest."""
     from pyarrow import fs
 
     filesystem, root = fs.FileSystem.from_uri(trial_dir) if "://" in trial_dir else (fs.LocalFileSystem(), trial_dir)
     infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
     checkpoints = sorted(i.path for i in infos if i.type == fs.FileType.Directory and i.base_name.startswith("checkpoint_"))
     C.check(bool(checkpoints), "DIR", f"no checkpoint with details in {trial_dir}", "the trial must have reported once")
-    with filesystem.open_input_stream(f"{checkpoints[-1]}/details.json") as fh:
-        return json.loads(fh.read().decode())
+    found = []
+    for path in checkpoints:
+        with filesystem.open_input_stream(f"{path}/details.json") as fh:
+            found.append((json.loads(fh.read().decode()), path))
+    sign = 1.0 if mode == "max" else -1.0
+
+    def rank(i: int) -> tuple[bool, float, int]:
+        value = found[i][0].get("metrics", {}).get(metric)
+        return value is not None, sign * value if value is not None else 0.0, -i
+
+    best = max(range(len(found)), key=rank)
+    details, path = found[best] if rank(best)[0] else found[-1]
+    return details, (f"{trial_dir.split('://')[0]}://{path}" if "://" in trial_dir else path)
 
 
 def _export_ablation(folder: Path, select: str) -> dict[str, Any]:

@@ -157,8 +157,9 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     for name, held in restorable.items():
         if any(not finished(c) for c in held):
             log.info(f"resuming the cells of {name}: {', '.join(c for c in held if not finished(c))}")
+            # the grid again, as it was: without it Ray's restored variant generator adds an empty trial
             tune.Tuner.restore(f"{place.ray_storage}/ray/{name}", trainable, resume_unfinished=True,
-                               resume_errored=True).fit()
+                               resume_errored=True, param_space={"cell": tune.grid_search(held)}).fit()
     held = {c for cells_of in restorable.values() for c in cells_of}
     new = [c for c in cells if c not in held and not finished(c)]
     if not new:

@@ -263,8 +263,8 @@ def shared_data(study: Study) -> tuple[Any, Any]:
             probe["weighting.name"] = next(v for v in p.values if WEIGHTING_ENCODERS.get(str(v)))
         if p.key == "loss.name" and "lcl" in (p.values or []):
             probe["loss.name"] = "lcl"
-        if p.key == "loss.lam":
-            probe["loss.lam"] = p.low
+        if p.key == "loss.lam":  # a λ below 1, so the weighting network (and its tokenizer) is built
+            probe["loss.lam"] = min(p.values) if p.type == "categorical" else p.low
     return prepare_trial_data(study.trial_config(probe))
 
 

@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,6 +385,7 @@ def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[P
 
     from lcl_tune.analysis.plots import save_figure
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, module="lcl_tune")
     ostudy = optuna.load_study(study_name=study.name, storage=JournalStorage(JournalFileBackend(str(journal))))
     complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:

@@ -39,7 +39,7 @@ Measured, in one run:
     python benchmarks/bench_scale.py --quick              # a smoke run: 24 trials on 8 GPUs
     python benchmarks/bench_scale.py --from-json benchmarks/results/scale.json [--write-results]
 
-``--write-results`` writes ``benchmarks/results/scale.json`` and the "Scale, in simulation"
+``--write-results`` writes ``benchmarks/results/scale.json`` (``scale_quick.json`` with ``--quick``) and the "Scale, in simulation"
 section of ``benchmarks/RESULTS.md``; ``--from-json`` renders that section again from a saved
 JSON without running anything.
 """
@@ -519,7 +519,7 @@ def run_cluster_study(trials: int, gpus: int, period_s: float) -> dict:
         instrument_driver(search, stats, fit)
         search.lcl_trainable = make_fake_trainable(period_s)
         search.shared_data = lambda study: (None, None)
-        logs = LogCounter()
+        logs, ours = LogCounter("ray.tune"), LogCounter("lcl_tune")
         t0 = time.perf_counter()
         ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False, object_store_memory=512 * 2**20)
@@ -538,7 +538,7 @@ def run_cluster_study(trials: int, gpus: int, period_s: float) -> dict:
         finally:
             ray.shutdown()
         result["fit"] = fit
-        result["tune_log_warnings"] = logs.counts
+        result["tune_log_warnings"], result["lcl_tune_warnings"] = logs.counts, ours.counts
         result["driver_peak_rss_mb"] = monitor.driver_peak_rss_mb
         result["cpu_by_kind_s"] = monitor.cpu_by_kind()
         result["machine_busy_s"] = monitor.busy_s
@@ -609,16 +609,17 @@ def failed_attempts(ray_dir: Path) -> dict:
 
 
 class LogCounter:
-    """Counts Ray Tune's warnings and errors by their first words (e.g. a failed experiment-state
-    sync), so the section can say how often they happened."""
+    """Counts the warnings and errors of logger ``name`` (and its children) by their first words:
+    Ray Tune's (a failed experiment-state sync, a slow step) and the project's own on the driver
+    (a run that could not be closed), so the section can say how often they happened."""
 
-    def __init__(self):
+    def __init__(self, name: str):
         import logging
 
         self.counts: dict[str, int] = {}
         self.handler = logging.Handler(level=logging.WARNING)
         self.handler.emit = self._emit
-        logging.getLogger("ray.tune").addHandler(self.handler)
+        logging.getLogger(name).addHandler(self.handler)
 
     def _emit(self, record: Any) -> None:
         key = " ".join(str(record.getMessage()).split()[:6])
@@ -987,7 +988,7 @@ def markdown(r: dict) -> str:
         "| quantity | value |", "|---|---:|",
         f"| trials: completed / stopped early by ASHA / errored | {st.get('completed', 0)} / {st.get('stopped early', 0)} / "
         f"{st.get('errored', 0)} ({r['periods_total']:,} periods in all) |",
-        f"| best weighted-F1 found (synthetic optimum ≈ 0.742) | {r['best']:.4f} |",
+        f"| best weighted-F1 found (the synthetic optimum is 0.740, plus the reports' noise) | {r['best']:.4f} |",
         f"| Ray start (not in the study time) | {r['ray_start_s']:.1f} s |",
         f"| study wall time: start + fit + results + summary | {r['study_wall_s']:.0f} s |",
         f"| ideal fit: Σ in-trial time / {g} GPUs | {f['ideal_wall_s']:.0f} s |",
@@ -995,8 +996,9 @@ def markdown(r: dict) -> str:
         f"| most trials running at once; first moment all {g} GPUs were busy (after the first trial started) | "
         f"{f['most_running']}; " + (f"{f['all_slots_busy_s']:.0f} s |" if f["all_slots_busy_s"] is not None else "never |"),
         f"| trial attempts that failed (Ray retried each once, `failure.max_retries: 1`) | "
-        f"{r['failed_attempts']['attempts']} in {r['failed_attempts']['trials']} trials: "
-        + (", ".join(f"{v} {k}" for k, v in r["failed_attempts"]["where"].items()) or "none") + " |",
+        f"{r['failed_attempts']['attempts']} in {r['failed_attempts']['trials']} trials, "
+        f"{sum(v for k, v in r['failed_attempts']['where'].items() if 'database is locked' in k)} on `database is locked`: "
+        + _sites(r["failed_attempts"]["where"]) + " |",
         f"| **driver time per trial: fit wall / trials** | **{1000 * f['wall_per_trial_s']:.0f} ms** ({f['fit_wall_s']:.0f} s / {n}) |",
         f"| **driver CPU per trial: driver process CPU during the fit / trials** | **{1000 * f['cpu_per_trial_s']:.0f} ms** "
         f"({f['fit_cpu_s']:.0f} s; all its threads) |",
@@ -1047,8 +1049,10 @@ def markdown(r: dict) -> str:
         f"| driver, once per study: summary | {_calls(f['driver_client_summary'])} | {_calls(f['driver_store_summary'])} | "
         f"{f['study_runner.summarise_in_mlflow']:.1f} |",
         "",
-        f"- store errors raised (each retried by `tracking._retry`): {f['worker_store_errors']} in workers, "
-        f"{f['driver_store_errors']} on the driver",
+        f"- store calls that raised: {f['worker_store_errors']} in the workers' trial attempts that carried on (calls "
+        f"`tracking._retry` retried), {f['driver_store_errors']} on the driver; the failed attempts above come on top",
+        "- the project's own warnings on the driver: " + (", ".join(
+            f"{v}× “{k} …”" for k, v in log_kinds(r.get("lcl_tune_warnings", {}))[:5]) or "none"),
         f"- a worker's `log_batch` (18 metrics) under {g} concurrent trials: median {_ms(pct(f['worker_log_batch_s'], .5))} ms, "
         f"p95 {_ms(pct(f['worker_log_batch_s'], .95))} ms, max {_ms(max(f['worker_log_batch_s'] or [0]))} ms; "
         f"the same call on an idle store: median {_ms(pct(f['idle_log_batch_s'], .5))} ms",
@@ -1142,6 +1146,7 @@ def analysis(r: dict, f: dict) -> list[str]:
     tpe, gp = p["tpe"], p["gp"]
     syncs = sum(v for k, v in log_kinds(r.get("tune_log_warnings", {})) if k.startswith("Saving experiment state"))
     locked = sum(v for k, v in fa["where"].items() if "database is locked" in k)
+    unclosed = sum(v for k, v in log_kinds(r.get("lcl_tune_warnings", {})) if k.startswith("closing the MLflow run"))
     return [
         "### Where it breaks first at 10× (10,000 trials, 640 GPUs), and why", "",
         f"Projected from the growth measured above, not run at 10×. On this machine the {g} workers, Ray and the driver "
@@ -1164,8 +1169,8 @@ def analysis(r: dict, f: dict) -> list[str]:
         "idle. The per-step save also races with Tune's background sync of the same folder (a 24-trial smoke run "
         f"logged one failed sync: a searcher-state temp file gone before the copy; this run logged {syncs}). "
         "Fix: a save period (Tune's default `auto` keeps saves under "
-        "5 % of the time, or 10–30 s); the Optuna journal already holds every told result, so a killed driver loses "
-        "seconds of Ray's bookkeeping, not trials.",
+        "5 % of the time, or 10–30 s); a killed driver then re-runs at most the trials that ended in the last period, "
+        "a case the journal and `drop_superseded` already handle.",
         ("2. **The SQLite store: it breaks already at " f"{g} concurrent trials here.** " if fa["trials"] else
          "2. **The SQLite store.** ") +
         f"{fa['trials']} of {n:,} trials ({100 * p['failed_share']:.0f} %) lost an attempt ({fa['attempts']} attempts, "
@@ -1183,8 +1188,12 @@ def analysis(r: dict, f: dict) -> list[str]:
         f"; a trial makes {p['sessions_per_trial']:.0f} sessions in all, so the store saturates for trials shorter than "
         f"≈ {_dur(p['sqlite_min_trial_s'])}. A {g10}-GPU cluster spans machines, where `check_tracking_reach` refuses "
         "SQLite anyway; behind an MLflow server the un-retried start-up calls stay the weak spot (a 5xx or a timeout "
-        "kills the trial). Fix: an MLflow server on PostgreSQL (`--tracking-uri http://...`), and `_retry` around "
-        "`TrialRun.__init__`'s calls, as the module promises (\"tracking never kills a trial\").",
+        "kills the trial)." + (f" `close_trial`'s last call, `set_terminated`, is not retried either: {unclosed} runs "
+                               "here stayed RUNNING in MLflow (their close failed on `UPDATE runs SET status`, "
+                               "'database is locked'), and `close_left_running` does not see them, as their status "
+                               "tag was already written." if unclosed else "") +
+        " Fix: an MLflow server on PostgreSQL (`--tracking-uri http://...`), and `_retry` around "
+        "`TrialRun.__init__`'s calls and `set_terminated`, as the module promises (\"tracking never kills a trial\").",
         f"3. **The driver's other per-trial work.** Besides the saves, every trial costs the driver a close of its "
         f"MLflow run on `TrialOutcomes`' single thread ({_dur(f['close_median_s'])} median, {_dur(f['figure_median_s'])} "
         f"of it drawing the confusion-matrix figure, holding the driver's GIL) and {_dur(p['searcher_per_trial_s'])} in "
@@ -1247,6 +1256,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 24 trials, 8 GPUs, samplers after 20 and 50")
     p.add_argument("--from-json", type=Path, help="render the section from a saved scale.json, run nothing")
     p.add_argument("--write-results", action="store_true", help="write benchmarks/results/scale.json and RESULTS.md")
+    p.add_argument("--raw", type=Path, help="also keep the raw timings and per-trial records here (large; not in the repo)")
     args = p.parse_args()
     if args.from_json:
         text = markdown(json.loads(args.from_json.read_text()))
@@ -1268,10 +1278,11 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result["figures"] = summarise(result)
     raw = {k: result.pop(k) for k in ("times", "per_trial")}  # bulky: the figures hold what the section needs
-    if args.write_results or args.quick:
+    if args.raw:
+        args.raw.write_text(json.dumps(raw, default=str))
+    if args.write_results:  # a --quick run writes scale_quick.json, and never RESULTS.md
         out.write_text(json.dumps(result, indent=1, default=str))
     text = markdown(result)
-    del raw
     print(text)
     if args.write_results and not args.quick:
         write_section(text, SECTION)

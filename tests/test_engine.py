@@ -313,3 +313,131 @@ def test_gradients_are_clipped_per_network(tiny_cfg, monkeypatch):
     for net in (trainer.model, trainer.weighting):
         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None]))
         assert norm <= 0.5 + 1e-5
+
+
+# ------------------------------------------------------------------ pairing: random streams per purpose
+
+
+@pytest.fixture()
+def noisy_uniform():
+    """A weighting network that draws random numbers (a random layer, dropout, noise) but weights
+    every class 1/C, like ``uniform``: the main model's computation is that of a ``uniform`` arm."""
+    from lcl_tune.core.weighting import WeightingNetwork, WeightOutput, register
+
+    @register
+    class NoisyUniform(WeightingNetwork):
+        name, cost = "noisy_uniform", "free"
+
+        def __init__(self, num_labels: int):
+            super().__init__(num_labels)
+            self.layer = torch.nn.Linear(num_labels, num_labels)  # its init draws from the global generator
+            self.drop = torch.nn.Dropout(0.5)
+
+        @classmethod
+        def build(cls, cfg, num_labels, num_examples, make_classifier):
+            return cls(num_labels)
+
+        def forward(self, batch, main_logits, lam):
+            noise = self.drop(self.layer(torch.randn_like(main_logits)))  # draws, then thrown away
+            return WeightOutput(torch.full_like(main_logits, 1.0 / self.num_labels) + 0.0 * noise.detach())
+
+    yield NoisyUniform
+    REGISTRY.pop("noisy_uniform")
+    WEIGHTING_ENCODERS.pop("noisy_uniform")
+
+
+def test_arms_that_are_the_same_computation_give_identical_metrics(tiny_cfg, noisy_uniform):
+    """Two arms whose main model computes the same thing under different names, one of which draws
+    extra random numbers in its weighting network, give identical metrics at every period: what
+    the weighting network draws never shifts the main encoder's dropout."""
+    runs = {w: Trainer(tiny_cfg(weighting__name=w), progress=False).fit()["history"]
+            for w in ("uniform", "noisy_uniform")}
+    strip = lambda h: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in h]  # noqa: E731
+    assert strip(runs["uniform"]) == strip(runs["noisy_uniform"])
+    other = Trainer(tiny_cfg(weighting__name="uniform", seed=4), progress=False).fit()["history"]
+    assert strip(other) != strip(runs["uniform"])  # the check can fail: another seed differs
+
+
+def _dropout_masks(trainer: Trainer, steps: int) -> list[list[torch.Tensor]]:
+    """The main encoder's dropout masks (which elements were zeroed) at each of ``steps`` steps."""
+    masks: list[torch.Tensor] = []
+
+    def hook(module, inputs, output):
+        if module.training and module.p > 0:
+            masks.append((output == 0) & (inputs[0] != 0))
+
+    handles = [m.register_forward_hook(hook) for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    per_step = []
+    for rows in trainer.epoch_batches(0)[:steps]:
+        masks.clear()
+        trainer.train_step(rows)
+        per_step.append(list(masks))
+    for h in handles:
+        h.remove()
+    return per_step
+
+
+def test_dropout_masks_of_ce_and_lcl_arms_agree_at_the_same_step(tiny_cfg):
+    """Paired seeds share their noise: the main encoder's dropout masks of a CE, an SCL and an
+    LCL-`separate` arm (whose weighting encoder has dropout of its own) agree at every step."""
+    arms = {(loss, w): _dropout_masks(Trainer(tiny_cfg(loss__name=loss, weighting__name=w), progress=False), 3)
+            for loss, w in (("ce", "self"), ("scl", "self"), ("lcl", "separate"))}
+    ce = arms[("ce", "self")]
+    assert len(ce) == 3 and all(len(step) > 0 for step in ce) and any(m.any() for m in ce[0])
+    for other in arms.values():
+        for a, b in zip(ce, other):
+            assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    other_seed = _dropout_masks(Trainer(tiny_cfg(loss__name="ce", seed=4), progress=False), 1)
+    assert not all(torch.equal(x, y) for x, y in zip(ce[0], other_seed[0]))
+
+
+def test_streams_are_derived_from_the_seed_and_independent():
+    from lcl_tune.core.rng import STREAMS, stream_seeds
+
+    a, b = stream_seeds(3), stream_seeds(4)
+    assert list(a) == list(STREAMS) and len(set(a.values())) == len(STREAMS)
+    assert stream_seeds(3) == a and not set(a.values()) & set(b.values())
+
+
+# ------------------------------------------------------------------ resume on another device
+
+
+def _key(history):
+    return [(r["step"], r["train/loss"], r["dev/weighted_f1"]) for r in history]
+
+
+def test_checkpoint_restores_on_a_device_other_than_the_writers(tiny_cfg, tmp_path):
+    """A GPU trial that restores a checkpoint must not move the random states to its device
+    (``set_rng_state`` takes CPU byte tensors only). Simulated: the restoring trial's device is
+    the meta device, which is where ``map_location=<trial device>`` would put every tensor; on
+    a meta tensor the RNG restore fails just as a CUDA one does."""
+    cfg = tiny_cfg(loss__name="lcl", weighting__name="separate")
+    straight = Trainer(cfg, progress=False).fit()["history"]
+    first = Trainer(cfg, progress=False)
+    next(first.run())
+    first.save(tmp_path / "ckpt.pt")
+
+    second = Trainer(cfg, progress=False)
+    second.device = torch.device("meta")  # the trial's device differs from the writer's (CPU)
+    second.restore(tmp_path / "ckpt.pt")
+    second.device = torch.device("cpu")  # (the model itself lives on the CPU here)
+    assert second.step == 3
+    assert _key(second.fit()["history"]) == _key(straight)
+
+
+def test_checkpoint_from_a_gpu_restores_on_cpu_with_a_warning(tiny_cfg, tmp_path, caplog):
+    """A checkpoint written on a GPU (its streams carry CUDA states) resumes on a CPU trial: the
+    weights and optimiser continue, the warning says the GPU dropout streams do not."""
+    cfg = tiny_cfg()
+    first = Trainer(cfg, progress=False)
+    next(first.run())
+    state = first.state_dict()
+    for st in state["rng"]["streams"].values():
+        st["cuda"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's state looks like
+    state["rng"]["device"] = "cuda"
+    torch.save(state, tmp_path / "gpu.pt")
+    second = Trainer(cfg, progress=False)
+    with caplog.at_level("WARNING", logger="lcl_tune"):
+        second.restore(tmp_path / "gpu.pt")
+    assert "written on cuda restored on cpu" in caplog.text
+    assert second.step == 3 and torch.equal(second.model.head.weight, first.model.head.weight)

@@ -59,6 +59,14 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
     top = T.start_study(ab.name, folder, kind="ablation", uri=tracking_uri,
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
     arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
+    if final and not ab.tune and not load_cells(folder, CELL_DIR):
+        # A fixed-point ablation selects nothing, so its dev cells would be the final cells without
+        # the test split: train each cell once, in the final phase, and report dev and test from it.
+        log.info(f"ablation {ab.name!r}: no tuning phase, so each cell trains once, in the final phase")
+        run_final(ab, place, arm_targets, address)
+        write_ablation_report(ab, folder, top, arm_targets)
+        sync_up(place)
+        return folder
     if ab.tune:
         tune_arms(ab, place, address, arm_targets)
 
@@ -218,13 +226,20 @@ class CellRecorder(tune.Callback):
                       step=int(result.get("step", 0)), details=result_details(result))
 
 
-def load_cells(folder: Path, cell_dir: str = CELL_DIR) -> list[dict[str, Any]]:
+def dev_cell_dir(folder: Path) -> str:
+    """Where the dev-phase cells of ``folder`` are: ``cells/``, or ``final/`` for a fixed-point
+    ablation run with ``--final`` only (its cells trained once, in the final phase)."""
+    return CELL_DIR if any((folder / CELL_DIR).glob("*.json")) or not (folder / FINAL_DIR).is_dir() else FINAL_DIR
+
+
+def load_cells(folder: Path, cell_dir: str | None = None) -> list[dict[str, Any]]:
+    cell_dir = cell_dir or dev_cell_dir(folder)
     return [json.loads(p.read_text()) for p in sorted((folder / cell_dir).glob("*.json"))]
 
 
-def cells_table(folder: Path, cell_dir: str = CELL_DIR):
+def cells_table(folder: Path, cell_dir: str | None = None):
     """One row per finished cell: arm, seed, final dev (and, in the final phase, test) metrics,
-    details (JSON), trial id."""
+    details (JSON), trial id. ``cell_dir`` defaults to :func:`dev_cell_dir`."""
     import pandas as pd
 
     keys = [f"{split}/{m}" for split in ("dev", "test") for m in ("accuracy", "macro_f1", "weighted_f1", "loss")]
@@ -244,7 +259,7 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
 
     table = cells_table(folder)
     if not len(table):
-        raise RuntimeError(f"no finished cells in {folder / CELL_DIR}")
+        raise RuntimeError(f"no finished cells in {folder / dev_cell_dir(folder)}")
     selection = [ab.selection_seed] if ab.selection_seed is not None else None
     rep = R.summarise(R.cells_from_table(table), baseline=ab.baseline, selection_seeds=selection)
     out = folder / "report"

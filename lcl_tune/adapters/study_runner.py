@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lcl_tune.schema.trial import WEIGHTING_ENCODERS, ConfigError
+from lcl_tune.schema.trial import DATA_ENV, WEIGHTING_ENCODERS, ConfigError
 from lcl_tune.schema.study import Study, check_schedule, load_study
 
 try:
@@ -195,7 +195,8 @@ def _init_ray(address: str | None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster bound to localhost
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=False)
+        env = {k: os.environ[k] for k in (DATA_ENV,) if k in os.environ}  # the cluster's workers read data there too
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
 
 
 def derive_schedule(study: Study, data: Any) -> None:

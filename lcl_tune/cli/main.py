@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-import logging
-
-from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.trial import DATA_ENV, ConfigError
 from lcl_tune.util import json_safe, log, write_json
 
 
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print debug messages")
     p.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
                    help="print warnings and errors only")
+    p.add_argument("--data-root", metavar="DIR", help=f"folder of local dataset copies, one sub-folder per preset "
+                   f"(goemotions/, sst5/, ...; sets {DATA_ENV}); default: ${DATA_ENV}, else the Hugging Face hub")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="one fine-tuning run from a trial config (no Ray)")
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbosity)
+    if args.data_root:  # an environment variable, so Ray workers (started by this process) inherit it
+        os.environ[DATA_ENV] = str(Path(args.data_root).expanduser().resolve())
     try:
         return args.func(args)
     except ConfigError as e:

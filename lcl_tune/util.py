@@ -10,18 +10,47 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 log = logging.getLogger("lcl_tune")
 """The package's logger: library code reports through it; ``lcl-tune`` sets up its handler
-(``-v`` / ``-q``). Without a handler, Python prints warnings and errors only."""
+(``-v`` / ``-q``). Without a handler, Python prints warnings and errors only. Every message is
+passed through :func:`redact` first."""
+
+_URI_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^\s/@:]+(?::[^\s/@]*)?@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:[^\s=&;]*(?:token|password|passwd|secret|key|signature|credential)"
+                           r"[^\s=&;]*)=)[^\s&;#]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced by ``***``: the user info
+    (``https://user:pass@host`` -> ``https://***@host``) and secret-looking query values
+    (``?token=...``, ``&X-Amz-Signature=...``). Applied to every log line, every command line
+    the project records and every exported file, so a tracking URI with credentials in it never
+    reaches an artifact."""
+    text = _URI_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", text)
+    return _SECRET_QUERY.sub(lambda m: m.group("key") + "***", text)
+
+
+class _Redact(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+log.addFilter(_Redact())
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any]) -> Path:
-    """Write ``path`` through a temporary file in the same folder, then ``os.replace``: a reader,
-    a crash or a full disk never leaves half a file where the old one was. ``data``: text, bytes,
+    """Write ``path`` through a temporary file in the same folder, fsync it, then ``os.replace``: a
+    reader, a crash or a full disk (``ENOSPC`` raised, the temporary file removed) never leaves half a
+    file where the old one was. ``data``: text, bytes,
     or a function that writes the temporary path it is given (``df.to_parquet``, ``torch.save``)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -29,9 +58,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], A
         if callable(data):
             os.close(fd)
             data(Path(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # on disk before it replaces the old file: a power cut leaves one or the other
+            finally:
+                os.close(fd)
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

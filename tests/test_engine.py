@@ -15,28 +15,6 @@ from lcl_tune.core.metrics import classification_metrics
 from lcl_tune.core.weighting import REGISTRY
 
 
-@pytest.fixture()
-def tiny_cfg(shared_datasets, cache_dir, minilm_path):
-    """A factory of trial configs: tiny BERT on a TweetEval-emotion sample (real data, 4 classes)."""
-
-    def make(**flat) -> C.TrialConfig:
-        tree = {
-            "model": {"name": "tiny", "max_length": 32, "dropout": 0.1},
-            "data": {"preset": "tweeteval_emotion", "root": str(shared_datasets / "tweeteval_emotion"),
-                     "max_train_samples": 96, "max_dev_samples": 48, "cache_dir": str(cache_dir)},
-            "loss": {"name": "lcl", "temperature": 0.3, "lam": 0.5},
-            "weighting": {"name": "self"},
-            "optim": {"lr": 1e-3},
-            "train": {"batch_size": 16, "max_steps": 6, "eval_every": 3, "threads": 2, "log_every": 100},
-            "seed": 3,
-        }
-        for key, value in flat.items():
-            C.set_dotted(tree, key.replace("__", "."), value)
-        return C.from_dict(tree)
-
-    return make
-
-
 def test_registry_matches_config_names():
     assert tuple(REGISTRY)[:len(WEIGHTING_NAMES)] == WEIGHTING_NAMES
     assert {name: cls.has_encoder for name, cls in REGISTRY.items()} == WEIGHTING_ENCODERS

@@ -37,7 +37,7 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
-from lcl_tune.util import atomic_write, log, write_json
+from lcl_tune.util import atomic_write, log, redact, write_json
 
 CELL_DIR = "cells"
 FINAL_DIR = "final"  # --final: each arm's selected configuration, trained again, evaluated on test once
@@ -54,7 +54,7 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
     (folder / CELL_DIR).mkdir(parents=True, exist_ok=True)
     (folder / "ablation.yaml").write_text(yaml.safe_dump(ab.to_dict(), sort_keys=False))
     with open(folder / "command.txt", "a") as fh:
-        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command or ' '.join(sys.argv)}\n")
+        fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {redact(command or ' '.join(sys.argv))}\n")
 
     top = T.start_study(ab.name, folder, kind="ablation", uri=tracking_uri,
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
@@ -182,8 +182,8 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
         run_config=tune.RunConfig(
             name=name, storage_path=f"{place.ray_storage}/ray", verbose=1,
             callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=ab.metric,
-                                                    checkpoint_score_order=ab.mode),  # best period + latest
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ab.metric,
+                                                    checkpoint_score_order=ab.mode),  # best 2 + latest
             failure_config=tune.FailureConfig(max_failures=ab.max_retries))).fit()
 
 

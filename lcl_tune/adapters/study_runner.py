@@ -44,7 +44,7 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
                                         check_sampler_options, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
-from lcl_tune.util import atomic_write, log
+from lcl_tune.util import atomic_write, log, redact
 
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
 DATA_KEYS = ("model.name", "model.tokenizer", "model.max_length", "weighting.model")
@@ -179,7 +179,7 @@ def _write_study(study: Study, folder: Path, command: str | None) -> None:
     import yaml
 
     (folder / "study.yaml").write_text(yaml.safe_dump(study.to_dict(), sort_keys=False))
-    line = command or " ".join(shlex.quote(a) for a in sys.argv)
+    line = redact(command or " ".join(shlex.quote(a) for a in sys.argv))
     with open(folder / "command.txt", "a") as fh:
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
 

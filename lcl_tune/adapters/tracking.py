@@ -19,6 +19,7 @@ Adapter module: imports MLflow (with an install hint when missing).
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import math
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +117,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (before any trial) when a tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().rstrip("/")
+                                     + "/health")
+    if parts.username:  # user:password@host: basic auth, as MLflow's own client (requests) sends it
+        token = base64.b64encode(f"{urllib.parse.unquote(parts.username)}:"
+                                 f"{urllib.parse.unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status >= 400:
                 raise urllib.error.URLError(f"HTTP {resp.status}")
     except (urllib.error.URLError, OSError) as e:

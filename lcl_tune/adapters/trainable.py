@@ -12,6 +12,7 @@ not here.
 
 from __future__ import annotations
 
+import errno
 import json
 import tempfile
 import time
@@ -81,8 +82,7 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
     config_yaml = cfg.to_yaml()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            trainer.restore(Path(folder) / STATE_FILE)
+        restore_checkpoint(trainer, checkpoint)
     start = time.time()
     node_id = ray.get_runtime_context().get_node_id()
     for report in trainer.run():
@@ -100,10 +100,43 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
         metrics["data/shared"] = int(data is not None)  # tokenised once on the driver, not in this trial
         metrics["details_json"] = json.dumps(details)  # for the driver: the ablation's cell records, the trial's figure
         with tempfile.TemporaryDirectory() as folder:
-            trainer.save(Path(folder) / STATE_FILE)
+            save_checkpoint(trainer, Path(folder) / STATE_FILE, context.get_trial_id())
             (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))
             (Path(folder) / TRIAL_CONFIG_FILE).write_text(config_yaml)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def checkpoint_candidates(latest: Path) -> list[Path]:
+    """The state files to try on a restore, newest first: Ray's latest checkpoint, then the older
+    ones it kept beside it (``checkpoint.keep`` >= 2), so a damaged latest one falls back to the
+    previous good one."""
+    older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True)
+    return [latest / STATE_FILE] + [p / STATE_FILE for p in older]
+
+
+def restore_checkpoint(trainer: Any, checkpoint: tune.Checkpoint) -> Path | None:
+    """Restore the newest readable checkpoint of this trial (see :func:`checkpoint_candidates`).
+    On a local or shared filesystem the older ones are read in place; on remote storage only the
+    latest is fetched."""
+    from lcl_tune.core.engine import restore_first_good
+
+    local = Path(checkpoint.path)
+    if checkpoint.filesystem.type_name == "local" and local.is_dir():
+        return restore_first_good(trainer, checkpoint_candidates(local))
+    with checkpoint.as_directory() as folder:
+        return restore_first_good(trainer, [Path(folder) / STATE_FILE])
+
+
+def save_checkpoint(trainer: Any, path: Path, trial_id: str) -> None:
+    """Save, naming a full disk for what it is. The write is atomic, so the checkpoints already
+    kept are untouched; the trial fails and its retry resumes from the last of them."""
+    try:
+        trainer.save(path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"disk full while writing the checkpoint of trial {trial_id} ({path.parent}): "
+                          "the previous checkpoints are intact; free space, then rerun with --resume") from e
+        raise
 
 
 def result_details(result: dict[str, Any]) -> dict[str, Any]:

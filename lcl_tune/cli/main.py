@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from lcl_tune.schema.trial import DATA_ENV, ConfigError
-from lcl_tune.util import json_safe, log, write_json
+from lcl_tune.util import json_safe, log, redact, write_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.trial import ConfigError
-from lcl_tune.util import did_you_mean, log
+from lcl_tune.util import did_you_mean, log, redact
 
 try:
     from mlflow.server.security_utils import get_default_allowed_hosts
@@ -167,14 +167,14 @@ def serve(study_dir: str | os.PathLike | None, tracking_uri: str | None, host: s
         previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server = start_ui(study_dir, tracking_uri, host, port)
-        print(f"MLflow UI for {study or uri}\n  runs  {server.runs_url}\n  home  {server.url}/", flush=True)
+        print(redact(f"MLflow UI for {study or uri}\n  runs  {server.runs_url}\n  home  {server.url}/"), flush=True)
         if server.process is None:
             return 0  # a server that is only pointed at
         print(f"  log   {server.log_path}\nPress Ctrl-C to stop the server.", flush=True)
         print(f"error: mlflow server exited with code {server.process.wait()}{server.log_tail()}", file=sys.stderr)
         return 1
     except UIStartError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(redact(f"error: {e}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while starting too (start_ui has stopped the server then)
         log.info("stopping the MLflow UI ...")

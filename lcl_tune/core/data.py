@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from lcl_tune.schema.trial import DATA_ENV, ConfigError, DataConfig, file_format, preset_root
+from lcl_tune.schema.trial import DATA_ENV, ConfigError, DataConfig, check_data_file, file_format, preset_root
 from lcl_tune.util import log
 
 CACHE_FORMAT = "lcl_tune-tokenized-v1"
@@ -288,18 +288,54 @@ def _file_columns(d: DataConfig, key: str, path: str) -> tuple[list[str], list[A
     if not Path(path).is_file():
         raise ConfigError(f"data.{key}", f"file not found: {path}",
                           "check the path (relative paths are relative to the config file)")
+    fmt = file_format(path, d.format)
+    name = Path(path).name
+    check_data_file(path, fmt, key)
     try:
-        table = read_table(path, file_format(path, d.format), d.encoding)
-    except (pa.ArrowInvalid, UnicodeDecodeError, LookupError) as e:
-        raise ConfigError(f"data.{key}", f"cannot read {Path(path).name} ({_short(e)})",
+        table = read_table(path, fmt, d.encoding)
+    except (pa.ArrowException, UnicodeDecodeError, LookupError, OSError) as e:
+        raise ConfigError(f"data.{key}", f"cannot read {name} as {fmt} ({_short(e)})",
                           "check data.format and data.encoding (e.g. latin-1)") from None
     for col_key in ("text_column", "label_column"):
         col = getattr(d, col_key)
         if col not in table.column_names:
-            raise ConfigError(f"data.{col_key}", f"column {col!r} not in {Path(path).name} "
+            raise ConfigError(f"data.{col_key}", f"column {col!r} not in {name} "
                               f"(columns: {', '.join(table.column_names)})", f"set data.{col_key} to one of them")
-    texts = ["" if t is None else str(t) for t in table.column(d.text_column).to_pylist()]
+    column = table.column(d.text_column)
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):  # Arrow's verdict on bad text
+        bad = next(i for i, v in enumerate(column.to_pylist()) if v is not None and not _decodes(v, d.encoding))
+        raise ConfigError("data.encoding", f"row {bad + 1} of {name} is not valid {d.encoding} text",
+                          "set data.encoding to the file's encoding (e.g. latin-1), or re-save it as UTF-8")
+    texts = ["" if t is None else str(t) for t in column.to_pylist()]
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        raise ConfigError(f"data.{key}", f"row {empty + 1} of {name} has an empty {d.text_column!r}",
+                          "drop rows without text, or fill them in")
     return texts, table.column(d.label_column).to_pylist()
+
+
+def _decodes(value: bytes, encoding: str) -> bool:
+    try:
+        value.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def check_label_sets(ids: dict[str, np.ndarray], names: list[str], where: dict[str, str]) -> None:
+    """Training needs two classes, and every dev/test class must occur in train: a class the
+    model never saw scores zero recall however good the training, which no metric should hide."""
+    seen = set(np.unique(ids["train"]).tolist())
+    if len(seen) < 2:
+        only = names[next(iter(seen))] if seen else "none"
+        raise ConfigError("data.label_column", f"{where['train']} has a single class ({only!r})",
+                          "a classifier needs at least two classes in train")
+    for split, arr in ids.items():
+        unseen = sorted(set(np.unique(arr).tolist()) - seen)
+        if unseen:
+            raise ConfigError("data.label_column", f"label {names[unseen[0]]!r} of {where[split]} never occurs in "
+                              f"{where['train']} ({len(unseen)} such label{'s' if len(unseen) > 1 else ''})",
+                              "put examples of every class in train, or drop those rows")
 
 
 def _load_files(d: DataConfig) -> RawData:
@@ -312,6 +348,7 @@ def _load_files(d: DataConfig) -> RawData:
             texts[split], labels[split] = _file_columns(d, f"{split}_file", path)
             where[split] = Path(path).name
     names, ids = encode_labels(labels, where, d.label_names)
+    check_label_sets(ids, names, where)
     made = {s: RawSplit(texts[s], ids[s]) for s in texts}
     source = "files " + " ".join(f"{s}={getattr(d, f'{s}_file')}" for s in texts)
     return RawData(train=made["train"], dev=made.get("dev", _empty_split()), test=made.get("test"),

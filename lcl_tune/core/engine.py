@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lcl_tune.schema.trial import TrialConfig
+from lcl_tune.schema.trial import ConfigError, TrialConfig
 from lcl_tune.core.data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
 from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 from lcl_tune.core.metrics import classification_metrics
@@ -365,8 +366,34 @@ class Trainer:
         """Load a checkpoint written on any device: everything is read to the CPU, then
         ``load_state_dict`` places each tensor where its parameter lives (the model's and the
         optimiser's on the trial's device; the random states stay CPU byte tensors, which is all
-        ``set_rng_state`` accepts)."""
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        ``set_rng_state`` accepts).
+
+        Raises :class:`DamagedCheckpoint` when the file cannot be read (truncated, corrupt, not a
+        checkpoint) and :class:`ConfigError` when it belongs to another model shape; in both cases
+        nothing of the trainer has changed yet."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unreadable"
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise DamagedCheckpoint(f"{path}: cannot be read ({type(e).__name__}{': ' + first if first else ''})") from e
+        if not isinstance(state, dict) or not {"model", "optimizer", "trainer"} <= set(state):
+            raise DamagedCheckpoint(f"{path}: not a training checkpoint (no model/optimizer/trainer state)")
+        self._check_shapes(path, state["model"], self.model.state_dict(), "model")
+        if self.weighting is not None:
+            self._check_shapes(path, state.get("weighting") or {}, self.weighting.state_dict(), "weighting")
+        self.load_state_dict(state)
+
+    @staticmethod
+    def _check_shapes(path: str | os.PathLike, saved: dict[str, Any], own: dict[str, Any], part: str) -> None:
+        """A checkpoint of another architecture, label count or weighting choice: one line, before loading."""
+        missing = sorted(set(own) - set(saved))
+        wrong = [k for k in own if k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+        if missing or wrong:
+            k = (wrong or missing)[0]
+            what = (f"{k} has shape {tuple(saved[k].shape)}, this trial's {tuple(own[k].shape)}" if wrong
+                    else f"{len(missing)} of this trial's tensors are missing, e.g. {k}")
+            raise ConfigError(f"{part} checkpoint", f"{path} was written by another model shape ({what})",
+                              "resume with the config that wrote it, or start a new study name")
 
     # ------------------------------------------------------------------ helpers
 
@@ -377,6 +404,25 @@ class Trainer:
             wb = w_split.collate(rows, self.w_data.pad_id, pad_to)
             batch["w_input_ids"], batch["w_attention_mask"] = wb["input_ids"], wb["attention_mask"]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint file that cannot be read: truncated by a crash or a full disk, or corrupt."""
+
+
+def restore_first_good(trainer: Trainer, candidates: list[Path]) -> Path | None:
+    """Restore the newest of ``candidates`` (newest first) that can be read, warning for each
+    damaged one by name; None, with a warning, when none can (the trial starts at step 0). A
+    checkpoint of another model shape is a config error, not damage: it is raised."""
+    for path in candidates:
+        try:
+            trainer.restore(path)
+            return path
+        except DamagedCheckpoint as e:
+            logger.warning(f"damaged checkpoint {e}; falling back to the previous one")
+    if candidates:
+        logger.warning(f"none of the {len(candidates)} checkpoints could be restored: starting from step 0")
+    return None
 
 
 def _classifier(name: str, tokenizer: str | None, num_labels: int, random_init: bool, dropout: float) -> nn.Module:

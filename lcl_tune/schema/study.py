@@ -94,7 +94,7 @@ class Study:
     reduction_factor: float = 2.0
     cpu: float = 1.0
     gpu: float = 0.0
-    checkpoint_keep: int = 1
+    checkpoint_keep: int = 2  # best-scoring kept besides the latest; >= 2 so a damaged one has a fallback
     max_retries: int = 2
     description: str = ""
 
@@ -249,7 +249,7 @@ def parse_study(tree: dict[str, Any], path: Path, overrides, check_files: bool) 
         reduction_factor=_typed("scheduler.reduction_factor", sched.get("reduction_factor", 2), float),
         cpu=_typed("resources.cpu", res.get("cpu", 1), float),
         gpu=_typed("resources.gpu", res.get("gpu", 0), float),
-        checkpoint_keep=_typed("checkpoint.keep", (tree.get("checkpoint") or {}).get("keep", 1), int),
+        checkpoint_keep=_typed("checkpoint.keep", (tree.get("checkpoint") or {}).get("keep", 2), int),
         max_retries=_typed("failure.max_retries", (tree.get("failure") or {}).get("max_retries", 2), int),
         description=str(tree.get("description") or ""),
     )
@@ -353,7 +353,8 @@ def _check_settings(s: Study) -> None:
     C.check(s.gpu >= 0, "resources.gpu", "must be >= 0", "use 0, a fraction such as 0.25, or whole GPUs")
     C.check(s.gpu <= 1 or float(s.gpu).is_integer(), "resources.gpu", f"fractions above 1 are not allowed, got {s.gpu}",
           "use a fraction <= 1 (trials sharing a GPU) or a whole number")
-    C.check(s.checkpoint_keep >= 1, "checkpoint.keep", "must be >= 1", "use 1 or 2")
+    C.check(s.checkpoint_keep >= 2, "checkpoint.keep", f"must be >= 2, got {s.checkpoint_keep}",
+            "use 2: a retry or --resume falls back to the previous checkpoint when the latest is damaged")
     C.check(s.max_retries >= 0, "failure.max_retries", "must be >= 0", "use e.g. 2")
 
 

@@ -512,7 +512,7 @@ def validate_data(d: DataConfig, *, check_files: bool = True) -> None:
         if path:
             check(Path(path).is_file(), f"data.{key}", f"file not found: {path}",
                    "check the path (relative paths are relative to the config file)")
-            columns = read_columns(path, file_format(path, d.format), d.encoding)
+            columns = read_columns(path, file_format(path, d.format), d.encoding, key)
             for col_key in ("text_column", "label_column"):
                 col = getattr(d, col_key)
                 if columns is not None and col not in columns:
@@ -532,8 +532,30 @@ def file_format(path: str, fmt: str = "auto") -> str:
     return mapping[ext]
 
 
-def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str] | None:
+def check_data_file(path: str, fmt: str, key: str = "train_file") -> None:
+    """What no data file may be, whatever its format: empty, or binary where text is expected."""
+    name = Path(path).name
+    if Path(path).stat().st_size == 0:
+        raise ConfigError(f"data.{key}", f"{name} is empty", "point it at a file with a header and rows")
+    if fmt != "parquet":
+        with open(path, "rb") as fh:
+            if b"\0" in fh.read(8192):
+                raise ConfigError(f"data.{key}", f"{name} has binary content, not {fmt.upper()} text",
+                                  "check the path, or set data.format to the file's real format")
+
+
+def read_columns(path: str, fmt: str, encoding: str = "utf-8", key: str = "train_file") -> list[str] | None:
     """Column names from a file's header only (cheap), or None when the file has no header."""
+    check_data_file(path, fmt, key)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.read_schema(path).names)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError for a damaged file
+            raise ConfigError(f"data.{key}", f"cannot read {Path(path).name} as parquet "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                              "check the file (truncated?) or data.format") from None
     if fmt in ("csv", "tsv"):
         import csv
 
@@ -546,7 +568,7 @@ def read_columns(path: str, fmt: str, encoding: str = "utf-8") -> list[str] | No
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise ConfigError("data.train_file", f"{Path(path).name} is not JSON Lines",
+            raise ConfigError(f"data.{key}", f"{Path(path).name} is not JSON Lines",
                               "use one JSON object per line, or set data.format") from None
         return list(row) if isinstance(row, dict) else None
     if fmt == "parquet":
@@ -576,18 +598,56 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
     return from_dict(tree, base_dir=base_dir, source=source, check_files=check_files)
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping with the safe loader; errors name the file and line."""
+class _StrictLoader(yaml.SafeLoader):
+    """The safe loader (no tag constructs an object) that also refuses duplicate keys, which
+    plain YAML resolves silently to the last one: a study whose second ``space:`` quietly
+    replaces the first is a study nobody asked for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_text(path: str | os.PathLike, what: str = "YAML") -> str:
+    """A config file's text, or a one-line error for what a text file must not be: missing, a
+    folder, empty, binary, or not UTF-8 (naming the line of the first bad byte)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", "not found" if not path.exists() else "is a folder, not a file",
+                          "check the path", source=str(path))
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ConfigError("<file>", "the file is empty", f"write the {what} settings (see search_spaces/ and configs/)",
+                          source=str(path))
+    if b"\0" in raw[:8192]:
+        raise ConfigError("<file>", f"binary content, not {what} text", f"point at the {what} file", source=str(path))
     try:
-        with open(path, encoding="utf-8") as fh:
-            tree = yaml.safe_load(fh)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"line {line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x})",
+                          "save the file as UTF-8", source=str(path)) from None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader (no tags that build objects, no duplicate keys);
+    every problem is a one-line error naming the file and line."""
+    text = read_text(path)
+    try:
+        tree = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
-        raise ConfigError(where, f"not valid YAML ({getattr(e, 'problem', e)})", "fix the syntax",
-                          source=str(path)) from None
-    if tree is None:
-        return {}
+        problem = str(getattr(e, "problem", None) or e).split("\n")[0]
+        if "constructor for the tag" in problem:
+            problem = f"tag {problem.rsplit(' ', 1)[-1]} is not allowed (YAML is read with the safe loader)"
+        raise ConfigError(where, f"not valid YAML ({problem})", "fix the syntax", source=str(path)) from None
     if not isinstance(tree, dict):
-        raise ConfigError("<top>", "expected a mapping", "write key: value pairs", source=str(path))
+        raise ConfigError("<top>", f"expected a mapping of settings, got {type(tree).__name__}",
+                          "write key: value pairs", source=str(path))
     return tree

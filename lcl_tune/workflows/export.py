@@ -19,7 +19,7 @@ import yaml
 
 from lcl_tune.schema import trial as C
 from lcl_tune.schema.trial import ConfigError
-from lcl_tune.util import json_safe
+from lcl_tune.util import json_safe, redact
 
 SELECT_RULES = ("best", "mean", "lcb")
 PACKAGES = ("lcl-tune", "torch", "transformers", "datasets", "ray", "optuna", "mlflow", "pyarrow")
@@ -158,10 +158,22 @@ def _mlflow_run(folder: Path, trial_id: str) -> dict[str, str] | None:
 
 def write_export(doc: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.write_text("# Exported by lcl-tune export; train it with:  lcl-tune train "
-                    f"{path.name} --final\n" + yaml.safe_dump(json_safe(doc), sort_keys=False, allow_unicode=True))
+    path.write_text(redact("# Exported by lcl-tune export; train it with:  lcl-tune train "
+                           f"{path.name} --final\n" + yaml.safe_dump(json_safe(doc), sort_keys=False, allow_unicode=True)))
     return path
 
 
 def read_provenance(path: str | Path) -> dict[str, Any] | None:
-    return (C.load_yaml(path) or {}).get("provenance")
+    """The ``provenance:`` section of an exported config (None for a hand-written one), checked:
+    final training links its MLflow run through it."""
+    prov = (C.load_yaml(path) or {}).get("provenance")
+    if prov is None:
+        return None
+    fix = "re-export it with lcl-tune export, or delete the provenance section"
+    if not isinstance(prov, dict):
+        raise ConfigError("provenance", f"must be a mapping, got {type(prov).__name__}", fix, source=str(path))
+    mlflow = prov.get("mlflow")
+    if mlflow is not None and not (isinstance(mlflow, dict) and all(isinstance(v, str) for v in mlflow.values())):
+        raise ConfigError("provenance.mlflow", "must map tracking_uri / experiment_id / run_id to strings", fix,
+                          source=str(path))
+    return prov

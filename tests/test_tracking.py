@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,9 @@ DETAILS = {"label_names": ["neg", "pos"], "dev/confusion": [[3, 1], [0, 4]],
 
 @pytest.fixture()
 def target(tmp_path) -> T.TrackingTarget:
-    return T.start_study("unit", tmp_path / "study", kind="study")
+    """A study's target that sends straight to the store (no spool): what the store holds is
+    checked right after each call. The spooled path has its own tests (test_spool.py)."""
+    return dataclasses.replace(T.start_study("unit", tmp_path / "study", kind="study"), spool_dir=None)
 
 
 def test_store_experiment_and_parent_are_created_once(tmp_path):
@@ -27,7 +31,7 @@ def test_store_experiment_and_parent_are_created_once(tmp_path):
     first = T.start_study("unit", folder)
     assert (tmp_path / "mlflow.db").is_file()  # the storage root's store, created by the driver before any trial
     again = T.start_study("unit", folder)  # a resumed study finds its parent run again
-    assert again == first
+    assert again == first and first.spool_dir == str(folder / T.SPOOL_DIR)
     other = T.start_study("unit", tmp_path / "elsewhere")  # same name, other folder: other study
     assert other.parent_run_id != first.parent_run_id
 
@@ -63,6 +67,7 @@ for i in range(trials):
     run = T.TrialRun(target, f"{name}-t{i}", {"seed": i})
     for step in range(steps):
         run.log_report({"dev/accuracy": step / steps, "train/loss": 1.0 / (step + 1)}, step)
+    assert run.close(timeout=120)
 """
 
 
@@ -98,8 +103,8 @@ def test_a_trial_has_exactly_one_run_across_retries(target):
 def test_one_log_batch_call_per_reported_result(target, monkeypatch):
     run = T.TrialRun(target, "t2", TrialConfig().flat())
     calls = []
-    original = run.client.log_batch
-    monkeypatch.setattr(run.client, "log_batch", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    original = T.MlflowClient.log_batch
+    monkeypatch.setattr(T.MlflowClient, "log_batch", lambda self, *a, **k: (calls.append(k), original(self, *a, **k))[1])
     metrics = {f"dev/m{i}": i / 10 for i in range(20)} | {"finished": True, "lr": float("nan")}
     run.log_report(metrics, step=7)
     run.log_report(metrics, step=14)

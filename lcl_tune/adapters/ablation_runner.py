@@ -35,7 +35,8 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.ablation import Ablation, cell_name, cell_of
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
-                     check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune)
+                     check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune,
+                     wait_for_spools)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log, redact, write_json
 
@@ -270,7 +271,7 @@ def write_ablation_report(ab: Ablation, folder: Path, top: T.TrackingTarget | No
     table.to_parquet(out / "cells.parquet", index=False)
     log.info("\n" + R.to_markdown(rep))
     log.info(f"report: {out / 'report.md'}")
-    if top is not None and arm_targets is not None:
+    if top is not None and arm_targets is not None and wait_for_spools(top, folder):
         log_report_to_mlflow(rep, ab, table, top, arm_targets, list(files.values()) + [out / "cells.parquet"])
     return files
 

@@ -297,16 +297,13 @@ class TrialOutcomes(tune.Callback):
     whether ASHA stopped a trial (a stopped trial's code never runs again). Pickled with the
     experiment, so a resumed study keeps closing the same runs.
 
-    Closing a run (store round trips, the confusion-matrix figure) happens on a background
-    thread: Tune calls callbacks inside its event loop, which starts the next trial only after
-    they return. ``on_experiment_end`` waits for the pending closes, before the summary reads them."""
+    Closing a run (store round trips, the confusion-matrix figure) is journalled and sent by the
+    driver's spool thread (:func:`~lcl_tune.adapters.tracking.driver_sender`): Tune calls callbacks
+    inside its event loop, which starts the next trial only after they return, and a tracking
+    server that is down must not stall it. The summary drains the spools before it reads them."""
 
     def __init__(self, target: "T.TrackingTarget", study: Study):
         self.target, self.study = target, study
-        self._pool: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pool": None}  # a thread pool is not picklable (nor needed to resume)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -315,21 +312,11 @@ class TrialOutcomes(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=trial_error_text(trial))
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
     def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
-        close = functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
-                                  step=int(result.get("step", 0)),
-                                  details=result_details(result))
-        if self._pool is None:  # one thread: closes stay in order, and SQLite sees one writer from here
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcl-tune-close")
-        self._pool.submit(_warn_on_error, close, f"closing the MLflow run of trial {trial.trial_id}")
+        _warn_on_error(functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
+                                         step=int(result.get("step", 0)), details=result_details(result)),
+                       f"closing the MLflow run of trial {trial.trial_id}")  # journalled: returns at once
 
 
 def _warn_on_error(fn: Any, what: str) -> None:
@@ -346,8 +333,29 @@ def trial_error_text(trial: Any) -> str:
     return _strip_ansi(text)
 
 
+SPOOL_DRAIN_S = 60.0  # how long the end of a study waits for the tracking spools to be sent
+
+
+def wait_for_spools(target: "T.TrackingTarget", folder: Path, timeout: float = SPOOL_DRAIN_S) -> bool:
+    """Send what the study's spools still hold, for at most ``timeout`` seconds; True when all
+    went. Otherwise say which could not, and how to send them later: the results on disk are
+    complete either way."""
+    deadline = time.monotonic() + timeout
+    T.close_driver_sender(target.spool_dir, timeout)
+    left = T.drain_spools(folder, max(0.0, deadline - time.monotonic()))
+    if left:
+        log.warning(f"tracking: {sum(left.values())} records in {len(left)} spools could not be sent within "
+                    f"{timeout:.0f}s ({', '.join(sorted(left)[:3])}{', ...' if len(left) > 3 else ''} in "
+                    f"{folder / T.SPOOL_DIR}); the results in {folder} are complete. Send them when the "
+                    f"server answers: lcl-tune sync {folder}")
+    return not left
+
+
 def summarise_in_mlflow(target: "T.TrackingTarget", table: Any, study: Study, folder: Path) -> None:
-    """The parent run's summary: best trial, results table, plots, cost ledger (sum of children)."""
+    """The parent run's summary: best trial, results table, plots, cost ledger (sum of children),
+    once the spools are sent (if they cannot be, ``lcl-tune sync`` writes it later)."""
+    if not wait_for_spools(target, folder):
+        return
     T.drop_superseded(target, set(table["trial_id"]) if len(table) else set())
     rows = table.to_dict("records") if len(table) else []
     T.close_left_running(target, {r["trial_id"]: (r["status"], T.trial_cost(_or_zero(r.get("wall_s")), study.cpu,

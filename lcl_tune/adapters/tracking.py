@@ -20,6 +20,7 @@ Adapter module: imports MLflow (with an install hint when missing).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fcntl
 import json
 import math
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from lcl_tune.adapters.spool import Spool, SpoolSender, replay, spools
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.util import log
 
@@ -61,9 +63,13 @@ class TrackingTarget:
     uri: str
     experiment_id: str
     parent_run_id: str
+    spool_dir: str | None = None  # the study's spool folder (see adapters/spool.py); None: send directly
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)
+
+    def as_dict(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +79,7 @@ class TrackingTarget:
 
 STORE_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"
+SPOOL_DIR = "spool"  # in a study folder: the tracking journals not yet sent (adapters/spool.py)
 
 
 def default_uri(root: Path) -> str:
@@ -198,7 +205,7 @@ def start_study(name: str, folder: Path, *, kind: str = "study", uri: str | None
         run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    return TrackingTarget(uri, exp_id, run_id)
+    return TrackingTarget(uri, exp_id, run_id, str(Path(folder) / SPOOL_DIR))
 
 
 def child_target(parent: TrackingTarget, name: str, tags: Mapping[str, str]) -> TrackingTarget:
@@ -212,7 +219,7 @@ def child_target(parent: TrackingTarget, name: str, tags: Mapping[str, str]) -> 
     else:
         run_id = client.create_run(parent.experiment_id, run_name=name,
                                    tags={TAG_PARENT: parent.parent_run_id, **tags}).info.run_id
-    return TrackingTarget(parent.uri, parent.experiment_id, run_id)
+    return TrackingTarget(parent.uri, parent.experiment_id, run_id, parent.spool_dir)
 
 
 def git_commit() -> str:
@@ -262,33 +269,119 @@ def _retry(fn: Callable[[], Any], what: str, attempts: int = 4) -> Any:
 
 
 class TrialRun:
-    """The child run of one Ray trial, created once and found again on retries and resumes."""
+    """The child run of one Ray trial, created once and found again on retries and resumes.
+
+    With a spool folder (every study's target has one) nothing here waits on the store: each
+    call is journalled durably in ``spool/trial-<id>.jsonl`` and sent in order by a background
+    thread (:mod:`lcl_tune.adapters.spool`), so an outage of the tracking server costs training
+    nothing and loses nothing. Without one, calls go straight to the store."""
 
     def __init__(self, target: TrackingTarget, trial_id: str, flat_config: Mapping[str, Any],
                  extra_tags: Mapping[str, str] | None = None, name: str | None = None):
         self.target, self.trial_id = target, trial_id
-        self.client = target.client()
-        found = find_runs(self.client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
-        if found:
-            self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, TAG_STATUS, "running")
-            return
         tags = {TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_STATUS: "running",
                 **(extra_tags or {})}
-        self.run_id = self.client.create_run(target.experiment_id, run_name=name or run_name(flat_config),
-                                             tags=tags).info.run_id
-        log_params(self.client, self.run_id, flat_config)
+        params = {k: _param_value(v) for k, v in flat_config.items()}
+        self.sender = None
+        self.state: dict[str, Any] = {}
+        if target.spool_dir:
+            self.sender = SpoolSender(Spool(Path(target.spool_dir) / f"trial-{trial_id}.jsonl"), execute,
+                                      what=f"trial {trial_id}")
+        self._record("open", target=target.as_dict(), trial_id=trial_id, name=name or run_name(flat_config),
+                     tags=tags, params=params, ts=int(time.time() * 1000))
+
+    @property
+    def client(self) -> MlflowClient:
+        return self.target.client()
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id once it exists in the store (at once without a spool; after the sender
+        created it with one, see :meth:`flush`)."""
+        return (self.sender.state if self.sender is not None else self.state).get("run_id")
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until everything logged so far is in the store."""
+        return self.sender.flush(timeout) if self.sender is not None else True
+
+    def _record(self, op: str, files: Path | None = None, **args: Any) -> None:
+        if self.sender is not None:
+            self.sender.append(op, files, **args)
+        else:
+            execute({"op": op, "args": {**args, **({"dir": str(files)} if files else {})}}, self.state)
 
     def log_report(self, metrics: Mapping[str, float], step: int) -> None:
-        log_metrics(self.client, self.run_id, metrics, step)
+        ts = int(time.time() * 1000)
+        self._record("metrics", metrics=[[k, float(v), ts, step] for k, v in metrics.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)])
 
     def log_details(self, details: Mapping[str, Any], config_yaml: str) -> None:
         """The latest confusion matrix (JSON), per-class F1 table and resolved config; each report
         overwrites them, so when the trial ends (however it ends) they are its final ones. The
         confusion-matrix figure is drawn once, by the driver when the trial ends (``close_trial``):
         drawing it at every report would cost a short trial more than its evaluations do."""
-        log_details(self.client, self.run_id, details, config_yaml, figure=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_trial_artifacts(Path(tmp), details, config_yaml, figure=False)
+            self._record("artifacts", Path(tmp))
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Send what is journalled, waiting at most ``timeout`` seconds (the rest stays spooled)."""
+        return self.sender.close(timeout) if self.sender is not None else True
+
+
+def execute(record: dict[str, Any], state: dict[str, Any]) -> None:
+    """Perform one spooled tracking record (idempotently: see :mod:`lcl_tune.adapters.spool`)."""
+    op, a = record["op"], record["args"]
+    if "target" in a:
+        state["target"] = a["target"]
+    target = TrackingTarget(**state["target"])
+    client = target.client()
+    if op == "open":
+        state["run_id"] = _open_trial_run(client, target, a["trial_id"], a["name"], a["tags"], a["params"],
+                                          a.get("ts"))
+    elif op == "metrics":
+        batch = [Metric(k, v, ts, step) for k, v, ts, step in a["metrics"]]
+        for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
+            client.log_batch(state["run_id"], metrics=batch[i:i + 1000])
+    elif op == "artifacts":
+        if Path(a["dir"]).is_dir():  # its folder goes only after it was sent and acknowledged
+            client.log_artifacts(state["run_id"], a["dir"])
+    elif op == "close":
+        close_trial(target, **{k: v for k, v in a.items() if k != "target"}, direct=True)
+    else:
+        raise ValueError(f"unknown tracking record {op!r}")
+
+
+def _open_trial_run(client: MlflowClient, target: TrackingTarget, trial_id: str, name: str,
+                    tags: Mapping[str, str], params: Mapping[str, str], opened_ms: int | None = None) -> str:
+    """The run of ``trial_id`` (found by its tag: a retry or a replay finds the same one), else a
+    new one. A found run is marked running again, unless it was closed after this open was
+    journalled (a replay after the driver's close was sent): its outcome stands."""
+    found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+    if found:
+        run = found[0]
+        if not (opened_ms and run.info.end_time and run.info.end_time >= opened_ms):
+            client.update_run(run.info.run_id, status="RUNNING")
+            client.set_tag(run.info.run_id, TAG_STATUS, "running")
+        return run.info.run_id
+    run_id = client.create_run(target.experiment_id, run_name=name, tags=dict(tags)).info.run_id
+    batch = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=batch[i:i + 100])
+    return run_id
+
+
+def drain_spools(folder: Path, timeout: float) -> dict[str, int]:
+    """Send what the study's spools still hold (processes that died, trials still sending), for
+    up to ``timeout`` seconds in all; returns ``{spool: records left}`` for those that could not drain."""
+    deadline = time.monotonic() + timeout
+    left = {}
+    paths = spools(Path(folder) / SPOOL_DIR)  # the trials' first, then the driver's closes
+    for path in sorted(paths, key=lambda p: p.name == "driver.jsonl"):
+        n = replay(path, execute, max(0.0, deadline - time.monotonic()))
+        if n:
+            left[path.name] = n
+    return left
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -315,7 +408,7 @@ def log_confusion_figure(client: MlflowClient, run_id: str, details: Mapping[str
     with tempfile.TemporaryDirectory() as tmp:
         path = confusion_matrix_png(details["dev/confusion"], list(details.get("label_names", [])),
                                     Path(tmp) / "confusion_matrix.png", title="dev confusion matrix")
-        _retry(lambda: client.log_artifact(run_id, str(path)), "log_artifact")
+        client.log_artifact(run_id, str(path))
 
 
 def log_params(client: MlflowClient, run_id: str, flat_config: Mapping[str, Any]) -> None:
@@ -355,9 +448,18 @@ def _csv(text: str) -> str:
 
 
 def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Mapping[str, float],
-                error: str | None = None, step: int = 0, details: Mapping[str, Any] | None = None) -> None:
+                error: str | None = None, step: int = 0, details: Mapping[str, Any] | None = None,
+                ts: int | None = None, direct: bool = False) -> None:
     """Mark a trial's run with its outcome and cost, and draw the confusion matrix of its last
-    report (``details``); called by the driver, which alone knows whether ASHA stopped the trial."""
+    report (``details``); called by the driver, which alone knows whether ASHA stopped the trial.
+    With a spool folder (and not ``direct``) it is journalled in ``spool/driver.jsonl`` and sent by
+    the driver's sender thread (:func:`driver_sender`), so the driver never waits on the store."""
+    ts = ts if ts is not None else int(time.time() * 1000)
+    if target.spool_dir and not direct:
+        driver_sender(target.spool_dir).append("close", target=target.as_dict(), trial_id=trial_id, status=status,
+                                               cost=dict(cost), error=error, step=step,
+                                               details=dict(details) if details else None, ts=ts)
+        return
     client = target.client()
     found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
     if not found:  # the trial failed before it could create its run: create it now, so it is seen
@@ -369,16 +471,32 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
     tags = [RunTag(TAG_STATUS, status), RunTag(TAG_STOPPED, str(status == "stopped early").lower())]
     if error:
         tags.append(RunTag(TAG_ERROR, error.strip().splitlines()[-1][:4000] if error.strip() else "error"))
-    ts = int(time.time() * 1000)
     metrics = [Metric(k, float(v), ts, step) for k, v in cost.items()]
-    _retry(lambda: client.log_batch(run_id, metrics=metrics, tags=tags), "log_batch")
+    client.log_batch(run_id, metrics=metrics, tags=tags)
     if error:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "error.txt").write_text(error)
-            _retry(lambda: client.log_artifact(run_id, str(Path(tmp) / "error.txt")), "log_artifact")
+            client.log_artifact(run_id, str(Path(tmp) / "error.txt"))
     if details:
         log_confusion_figure(client, run_id, details)
     client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
+
+
+_DRIVER_SENDERS: dict[str, SpoolSender] = {}
+
+
+def driver_sender(spool_dir: str) -> SpoolSender:
+    """The driver's one sender (per study folder) of ``spool/driver.jsonl``: the closes of trial
+    runs, in order, off Tune's event loop."""
+    if spool_dir not in _DRIVER_SENDERS:
+        _DRIVER_SENDERS[spool_dir] = SpoolSender(Spool(Path(spool_dir) / "driver.jsonl"), execute, what="driver")
+    return _DRIVER_SENDERS[spool_dir]
+
+
+def close_driver_sender(spool_dir: str | None, timeout: float) -> bool:
+    """Flush and stop the driver's sender of ``spool_dir`` (True when everything was sent)."""
+    sender = _DRIVER_SENDERS.pop(spool_dir, None) if spool_dir else None
+    return sender.close(timeout) if sender is not None else True
 
 
 def close_left_running(target: TrackingTarget, outcomes: Mapping[str, tuple[str, Mapping[str, float], int]]) -> list[str]:

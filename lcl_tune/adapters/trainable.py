@@ -29,6 +29,7 @@ from lcl_tune.schema.study import Study
 STATE_FILE = "state.pt"
 DETAILS_FILE = "details.json"
 TRIAL_CONFIG_FILE = "trial_config.yaml"
+SEND_AT_END_S = 20.0  # how long a finished trial waits for its spooled tracking records to be sent
 
 
 class TrialOutOfMemory(RuntimeError):
@@ -104,6 +105,8 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
             (Path(folder) / DETAILS_FILE).write_text(json.dumps(details))
             (Path(folder) / TRIAL_CONFIG_FILE).write_text(config_yaml)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    if run is not None:  # what is still spooled after this stays in spool/ for the driver or lcl-tune sync
+        run.close(timeout=SEND_AT_END_S)
 
 
 def checkpoint_candidates(latest: Path) -> list[Path]:

@@ -91,6 +91,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    """Send what a study's (or ablation's) tracking spools still hold, then, for a study whose
+    end could not write its MLflow summary, write it now."""
+    from lcl_tune.adapters import spool as S
+    from lcl_tune.adapters import tracking as T
+
+    folder = Path(args.dir).resolve()
+    if not (folder / "study.yaml").is_file() and not (folder / "ablation.yaml").is_file():
+        raise ConfigError("DIR", f"no study.yaml or ablation.yaml in {folder}", "pass a study or ablation folder")
+    paths = S.spools(folder / T.SPOOL_DIR)
+    before = {p.name: len(S.Spool(p).pending()) for p in paths}
+    left = T.drain_spools(folder, args.timeout)
+    sent = sum(before.values()) - sum(left.values())
+    print(f"{folder.name}: sent {sent} tracking records from {sum(1 for n in before.values() if n)} spools"
+          + (f"; {sum(left.values())} still pending in {len(left)} (is the server up?)" if left else ""))
+    if left:
+        return 1
+    results = folder / "results.parquet"
+    if (folder / "study.yaml").is_file() and results.is_file() and paths:
+        import pandas as pd
+
+        from lcl_tune.adapters.study_runner import summarise_in_mlflow
+        from lcl_tune.schema.study import load_study
+
+        study = load_study(folder / "study.yaml", check_files=False)
+        uri = next((S.Spool(p).acked().get("target", {}).get("uri") for p in paths), None)
+        target = T.start_study(study.name, folder, kind="study", uri=uri)
+        summarise_in_mlflow(target, pd.read_parquet(results), study, folder)
+        print(f"{folder.name}: MLflow summary written")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lcl_tune.workflows.export import export, write_export
 
@@ -253,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "UI, which has no login, to the network)")
     u.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000; 0: a free one)")
     u.set_defaults(func=cmd_ui)
+
+    y = sub.add_parser("sync", help="send the MLflow records a study kept while its tracking server was down")
+    y.add_argument("dir", help="a study or ablation folder (STORAGE/NAME)")
+    y.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
+    y.set_defaults(func=cmd_sync)
 
     v = sub.add_parser("validate", help="check a study or trial config and print its budget (no Ray, no torch)")
     v.add_argument("file")

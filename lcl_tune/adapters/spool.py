@@ -1,0 +1,223 @@
+"""Tracking that never makes training wait: a durable, ordered spool and one sender thread.
+
+Every tracking call of a trial (and of the driver's callbacks) is appended to a JSON-lines
+journal, fsync'd, and handed to a background thread that sends the journal in order; the caller
+returns at once. An MLflow server that is down for minutes costs the training loop one fsync
+per call. The sender retries with back-off until the server answers again.
+
+What has been sent is acknowledged in a sidecar file (the last sequence number sent, and the
+run it went to), so a journal left by a process that died (a killed trial, a stopped driver)
+is replayed from there: by the driver at the end of the study (for a bounded time), or later by
+``lcl-tune sync STUDY``. Replays are idempotent, so a record sent twice (sent, then the process
+died before its acknowledgement) is harmless: metrics carry their own timestamps (MLflow stores
+a (key, timestamp, step, value) point once), tags and params are set to the same values,
+artifacts are overwritten, and a run is found by its trial tag before one is created.
+
+MLflow's own ``synchronous=False`` queue serves the same goal inside one process, but it lives
+in memory (lost with the process) and does not cover run creation or artifacts; the spool does
+both, so it replaces it here rather than wrapping it.
+
+Layout, in the study folder: ``spool/<name>.jsonl`` (the journal), ``<name>.ack`` (JSON: ``seq``,
+``run_id``), ``<name>.lock`` (held by the process sending it), ``<name>.files/<seq>/`` (artifacts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lcl_tune.util import log, write_json
+
+Execute = Callable[[dict[str, Any], dict[str, Any]], None]
+"""``execute(record, state)`` performs one record against the store; ``state`` carries what a
+record leaves for the next ones (``target``, ``run_id``) and is persisted with the ack."""
+
+
+class Spool:
+    """One append-only journal of tracking records (``{"seq", "op", "args"}`` per line)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ack_path = self.path.with_suffix(".ack")
+        self.files = self.path.with_suffix(".files")
+        self._lock = threading.Lock()
+        self._seq = max((r["seq"] for r in self.records()), default=0)
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the spool's life
+
+    def append(self, op: str, files: Path | None = None, **args: Any) -> int:
+        """Journal one record (durably, before returning); ``files``: a folder of artifacts, copied
+        into the spool so the record still has them after the caller's temporary folder is gone."""
+        with self._lock:
+            self._seq += 1
+            if files is not None:
+                kept = self.files / str(self._seq)
+                shutil.copytree(files, kept, dirs_exist_ok=True)
+                args["dir"] = str(kept)
+            self._fh.write(json.dumps({"seq": self._seq, "op": op, "args": args}) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            return self._seq
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every whole record; a torn last line (the process died mid-write) is ignored."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.debug(f"{self.path}: ignoring a torn record")
+        return out
+
+    def acked(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.ack_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {"seq": 0}
+
+    def ack(self, seq: int, state: dict[str, Any]) -> None:
+        write_json(self.ack_path, {"seq": seq, **state})  # state: plain JSON (the target, the run id)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.files / str(seq))
+
+    def pending(self) -> list[dict[str, Any]]:
+        done = self.acked()["seq"]
+        return [r for r in self.records() if r["seq"] > done]
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class SpoolSender:
+    """The one thread that sends a spool in order, retrying with back-off while the store is down.
+    Holds the spool's lock file for its life, so a replay elsewhere leaves a live spool alone."""
+
+    def __init__(self, spool: Spool, execute: Execute, *, what: str, max_backoff_s: float = 30.0):
+        self.spool, self.execute, self.what, self.max_backoff_s = spool, execute, what, max_backoff_s
+        self.state: dict[str, Any] = {k: v for k, v in spool.acked().items() if k != "seq"}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._lockfile = open(spool.path.with_suffix(".lock"), "a")  # noqa: SIM115
+        _lock_or_go_on(self._lockfile, spool.path)
+        self._thread = threading.Thread(target=self._loop, name=f"lcl-tune-spool-{spool.path.stem}", daemon=True)
+        self._thread.start()
+
+    def append(self, op: str, files: Path | None = None, **args: Any) -> None:
+        """Journal a record and return at once; the thread sends it."""
+        self.spool.append(op, files, **args)
+        with self._wake:
+            self._wake.notify()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for everything journalled to be sent; True if it was."""
+        deadline = time.monotonic() + timeout
+        while self.spool.acked()["seq"] < self.spool.last_seq:
+            if time.monotonic() >= deadline:
+                return False
+            with self._wake:
+                self._wake.notify()
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush for up to ``timeout`` seconds, then stop; what is left stays in the journal."""
+        drained = self.flush(timeout)
+        self._closed = True
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout=1.0)
+        self.spool.close()
+        self._lockfile.close()
+        if not drained:
+            log.warning(f"{self.what}: {len(self.spool.pending())} tracking records not sent yet; they are kept in "
+                        f"{self.spool.path} and sent at the end of the study or by lcl-tune sync")
+        return drained
+
+    def _loop(self) -> None:
+        backoff, down_since = 0.5, None
+        while not self._closed:
+            pending = self.spool.pending()
+            if not pending:
+                with self._wake:
+                    self._wake.wait(timeout=1.0)
+                continue
+            try:
+                for rec in pending:
+                    self.execute(rec, self.state)
+                    self.spool.ack(rec["seq"], self.state)
+                if down_since is not None:
+                    log.info(f"{self.what}: tracking store answers again after {time.monotonic() - down_since:.0f}s; "
+                             "the spooled records are sent")
+                backoff, down_since = 0.5, None
+            except Exception as e:  # noqa: BLE001 - the store is down or refusing: keep the record, retry
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning(f"{self.what}: tracking store unavailable ({str(e).splitlines()[0][:160] if str(e) else e!r}); "
+                                f"training goes on, records are kept in {self.spool.path} and retried")
+                with self._wake:
+                    self._wake.wait(timeout=backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+
+def _lock_or_go_on(fh: Any, path: Path, wait_s: float = 10.0) -> None:
+    """Take the spool's lock; if another process still holds it after ``wait_s`` (a replay, or a
+    process about to exit), go on without it: records are idempotent, and training must not wait."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                log.warning(f"{path} is locked by another process; sending it from here as well")
+                return
+            time.sleep(0.2)
+
+
+def replay(path: str | os.PathLike, execute: Execute, timeout: float) -> int:
+    """Send what a spool holds that was not acknowledged, for up to ``timeout`` seconds, unless a
+    live process holds it (then it is that process's to send). Returns the records still pending."""
+    path = Path(path)
+    deadline, backoff = time.monotonic() + timeout, 0.5
+    lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115
+    try:
+        while True:  # a process still sending it (a trial's last seconds) releases it when it exits
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return len(Spool(path).pending())
+                time.sleep(0.2)
+        spool = Spool(path)
+        state = {k: v for k, v in spool.acked().items() if k != "seq"}
+        while (pending := spool.pending()) and time.monotonic() < deadline:
+            try:
+                for rec in pending:
+                    execute(rec, state)
+                    spool.ack(rec["seq"], state)
+            except Exception as e:  # noqa: BLE001
+                log.debug(f"replaying {path}: {e}")
+                time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, 10.0)
+        spool.close()
+        return len(spool.pending())
+    finally:
+        lock.close()
+
+
+def spools(folder: str | os.PathLike) -> list[Path]:
+    return sorted(Path(folder).glob("*.jsonl"))

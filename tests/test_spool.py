@@ -1,0 +1,112 @@
+"""The tracking spool: training never waits on the store, and nothing journalled is lost or
+sent twice, whether the store is down, hangs, or the process dies before sending."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+pytest.importorskip("mlflow")
+
+from lcl_tune.adapters import spool as S  # noqa: E402
+from lcl_tune.adapters import tracking as T  # noqa: E402
+
+DETAILS = {"label_names": ["neg", "pos"], "dev/per_class_f1": {"neg": 0.5, "pos": 0.7}, "dev/confusion": [[3, 1], [1, 3]]}
+
+
+@pytest.fixture()
+def target(tmp_path) -> T.TrackingTarget:
+    return T.start_study("spooled", tmp_path / "study")
+
+
+def _history(target: T.TrackingTarget, trial_id: str, key: str) -> list[tuple[int, float]]:
+    (run,) = T.find_runs(target.client(), target.experiment_id, {T.TAG_TRIAL: trial_id})
+    return [(m.step, m.value) for m in target.client().get_metric_history(run.info.run_id, key)]
+
+
+def test_a_hanging_store_never_blocks_training(target, monkeypatch):
+    """The store hangs (every call waits on an event): a trial's calls all return, in the
+    training thread, before the store answers once; then everything arrives, in order."""
+    answer = threading.Event()
+    real = T.execute
+    monkeypatch.setattr(T, "execute", lambda rec, state: (answer.wait(), real(rec, state))[1])
+    returned = threading.Event()
+
+    def train() -> None:
+        run = T.TrialRun(target, "t0", {"seed": 1})
+        for step in range(1, 6):
+            run.log_report({"dev/accuracy": step / 10}, step)
+            run.log_details(DETAILS, "seed: 1\n")
+        returned.set()
+        answer.wait()
+        assert run.close(timeout=60)
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    assert returned.wait(timeout=60), "a tracking call waited on the store"
+    assert not answer.is_set() and T.find_runs(target.client(), target.experiment_id, {T.TAG_TRIAL: "t0"}) == []
+    answer.set()
+    worker.join(timeout=120)
+    assert _history(target, "t0", "dev/accuracy") == [(s, s / 10) for s in range(1, 6)]
+
+
+def test_what_a_dead_process_left_is_replayed_exactly_once(target, monkeypatch):
+    """The store is down and the trial's process dies before sending: the journal holds every
+    record; the end of the study (or lcl-tune sync) sends it, and a second replay, or a record
+    sent before its acknowledgement was written, duplicates nothing."""
+    real = T.execute
+
+    def down(rec, state):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(T, "execute", down)
+    run = T.TrialRun(target, "t1", {"seed": 1})
+    for step in range(1, 8):
+        run.log_report({"dev/accuracy": step / 10, "train/loss": 1 / step}, step)
+    run.log_details(DETAILS, "seed: 1\n")
+    T.close_trial(target, "t1", "completed", cost=T.trial_cost(3.0, 1, 0), step=7, details=DETAILS)
+    assert not run.close(timeout=0.5)  # the process ends with its records unsent
+    assert not T.close_driver_sender(target.spool_dir, timeout=0.5)
+    journal = sorted(p.name for p in S.spools(target.spool_dir))
+    assert journal == ["driver.jsonl", "trial-t1.jsonl"]
+    monkeypatch.setattr(T, "execute", real)
+
+    assert T.drain_spools(target.spool_dir.rsplit("/", 1)[0], timeout=60) == {}
+    expected = [(s, s / 10) for s in range(1, 8)]
+    assert _history(target, "t1", "dev/accuracy") == expected
+    (r,) = T.find_runs(target.client(), target.experiment_id, {T.TAG_TRIAL: "t1"})
+    assert r.data.tags[T.TAG_STATUS] == "completed" and r.info.status == "FINISHED" and r.data.metrics["cost/wall_s"] == 3.0
+    files = {f.path for f in target.client().list_artifacts(r.info.run_id)}
+    assert files == {"config.yaml", "confusion_matrix.json", "confusion_matrix.png", "per_class_f1.csv"}
+
+    trial_spool = S.Spool(f"{target.spool_dir}/trial-t1.jsonl")
+    acked = trial_spool.acked()
+    trial_spool.ack_path.write_text(json.dumps({**acked, "seq": acked["seq"] - 3}))  # sent, ack lost in a crash
+    assert T.drain_spools(target.spool_dir.rsplit("/", 1)[0], timeout=60) == {}
+    assert _history(target, "t1", "dev/accuracy") == expected  # nothing twice
+    assert len(T.child_runs(target)) == 1
+
+
+def test_a_torn_last_record_is_ignored(tmp_path):
+    spool = S.Spool(tmp_path / "t.jsonl")
+    spool.append("metrics", metrics=[["a", 1.0, 1, 1]])
+    spool.close()
+    with open(tmp_path / "t.jsonl", "a") as fh:
+        fh.write('{"seq": 2, "op": "metr')  # the process died mid-write
+    again = S.Spool(tmp_path / "t.jsonl")
+    assert [r["seq"] for r in again.pending()] == [1] and again.last_seq == 1
+
+
+def test_the_driver_closes_runs_without_waiting(target, monkeypatch):
+    """close_trial on the driver journals and returns; closing the driver's sender sends it."""
+    blocked = threading.Event()
+    real = T.execute
+    monkeypatch.setattr(T, "execute", lambda rec, state: (blocked.wait(), real(rec, state))[1])
+    T.close_trial(target, "t2", "errored", cost=T.trial_cost(1.0, 1, 0), error="Traceback\nValueError: boom")
+    assert T.child_runs(target) == []  # returned before anything reached the store
+    blocked.set()
+    assert T.close_driver_sender(target.spool_dir, timeout=60)
+    (run,) = T.child_runs(target)
+    assert run.info.status == "FAILED" and run.data.tags[T.TAG_ERROR] == "ValueError: boom"

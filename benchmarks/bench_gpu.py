@@ -33,6 +33,10 @@ data. ``--synthetic-data`` forces this path.
 Parts (``--parts``, in this order; a global ``--budget-seconds`` skips what no longer fits and marks
 it ``not run (budget)``)
 ------------------------------------------------------------------------------------------------------
+* ``faults``: first, the failure paths no CPU test can see (``benchmarks/gpu_faults.py``): a bf16
+  trial killed with SIGKILL after it checkpointed resumes on the GPU and continues its steps; a
+  real CUDA out-of-memory error is classified as such and the retry trains; ``train.compile``
+  checkpoints and restores.
 * ``throughput``: ce, scl, lcl-self, lcl-separate x fp32, bf16; batch 32, max_length 128, dynamic
   padding (the engine's default); samples/s and ms/step of steady-state steps (warm-up excluded,
   ``torch.cuda.synchronize()`` before each clock read that ends a window).
@@ -127,7 +131,7 @@ LOSS_CASES: dict[str, dict[str, Any]] = {
 }
 LEVER_KEYS = {"fused": "optim.fused", "length_buckets": "train.length_buckets", "compile": "train.compile"}
 PAD_KEY = "train.pad_to"
-ALL_PARTS = ("throughput", "padding", "levers", "packing", "memory")
+ALL_PARTS = ("faults", "throughput", "padding", "levers", "packing", "memory")
 
 
 # ============================================================================================
@@ -910,8 +914,17 @@ def part_status(part: dict[str, Any]) -> str:
     return "partial (budget)" if "not run (budget)" in statuses else "ok"
 
 
+def part_faults(b: Bench) -> dict[str, Any]:
+    """Resume after SIGKILL in bf16, a real CUDA OOM classified and retried, the compile path
+    (``benchmarks/gpu_faults.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_faults
+
+    return gpu_faults.part_faults(b)
+
+
 PARTS: dict[str, Callable[[Bench], dict[str, Any]]] = {
-    "throughput": part_throughput, "padding": part_padding, "levers": part_levers, "packing": part_packing,
+    "faults": part_faults, "throughput": part_throughput, "padding": part_padding, "levers": part_levers, "packing": part_packing,
     "memory": part_memory,
 }
 
@@ -966,6 +979,15 @@ def render_markdown(results: dict[str, Any]) -> str:
             lines.extend([part["status"], ""])
             return None
         return part
+
+    p = section("Failure paths on this device (resume after SIGKILL, out of memory, compile)", "faults")
+    if p:
+        lines += ["| check | status | details |", "|---|---|---|"]
+        for r in p["rows"]:
+            details = "; ".join(f"{k} {_f(v, '{:.4g}') if isinstance(v, float) else v}" for k, v in r.items()
+                                if k not in ("check", "status", "device"))
+            lines.append(f"| {r['check']} | {r['status']} | {details} |")
+        lines.append("")
 
     p = section("Throughput (dynamic padding)", "throughput")
     if p:

@@ -183,7 +183,7 @@ def test_an_exhausted_budget_marks_parts_not_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "results.json").read_text())
     assert {k: p["status"] for k, p in res["parts"].items()} == {k: "not run (budget)" for k in
-                                                                 ("throughput", "padding", "levers", "packing", "memory")}
+                                                                 ("faults", "throughput", "padding", "levers", "packing", "memory")}
     assert res["meta"]["data_source"] == "synthetic"
     assert "not run (budget)" in (out / "results.md").read_text()
 
@@ -197,8 +197,14 @@ def test_cpu_smoke_run_writes_every_part(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     meta, parts = res["meta"], res["parts"]
-    assert set(parts) == {"throughput", "padding", "levers", "packing", "memory"}
+    assert set(parts) == {"faults", "throughput", "padding", "levers", "packing", "memory"}
     assert all(p["status"] == "ok" for p in parts.values()), {k: p["status"] for k, p in parts.items()}
+    faults = {r["check"]: r for r in parts["faults"]["rows"]}
+    resume = faults["resume after SIGKILL"]  # killed after period 2 of 3, restored in a new process
+    assert resume["status"] == "ok" and resume["restored_step"] == 20 and resume["steps"] == [10, 20, 30]
+    assert resume["abs_diff_last_dev_loss"] == 0.0  # on CPU the resumed run is the uninterrupted one
+    assert faults["out of memory"]["status"] == "not run (no CUDA)"
+    assert faults["compile"]["status"] == "not run (--no-compile)"
     assert meta["device"] == "cpu" and meta["device_name"].startswith("cpu")
 
     rows = parts["throughput"]["rows"]

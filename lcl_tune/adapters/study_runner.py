@@ -44,6 +44,7 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
                                         check_sampler_options, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
+from lcl_tune.core.failures import error_kind
 from lcl_tune.util import atomic_write, log, redact
 
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
@@ -445,13 +446,6 @@ def results_table(grid: Any, study: Study, remote: str | None = None):
         rows[trial_id] = row
     table = pd.DataFrame(list(rows.values()))
     return table.sort_values("trial_id").reset_index(drop=True) if len(table) else table
-
-
-def error_kind(text: str) -> str:
-    """``out of memory`` (a resource problem, retried) vs ``exception`` (look at the traceback)."""
-    if not text:
-        return ""
-    return "out of memory" if ("TrialOutOfMemory" in text or "OutOfMemoryError" in text) else "exception"
 
 
 def _error_text(result: Any) -> str:

@@ -16,25 +16,19 @@ import errno
 import json
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
-import torch
 from ray import tune
 
+from lcl_tune.core.failures import oom_is_a_resource_problem
 from lcl_tune.schema.study import Study
 
 STATE_FILE = "state.pt"
 DETAILS_FILE = "details.json"
 TRIAL_CONFIG_FILE = "trial_config.yaml"
-SEND_AT_END_S = 20.0  # how long a finished trial waits for its spooled tracking records to be sent
-
-
-class TrialOutOfMemory(RuntimeError):
-    """The accelerator ran out of memory: a resource problem (too many trials on one GPU, too large a
-    batch), not a bad configuration. Ray retries the trial from its last checkpoint."""
+SEND_AT_END_S = 10.0  # how long a finished trial waits for its spooled tracking records to be sent
 
 
 def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data: Any = None,
@@ -50,18 +44,6 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
     cfg = study.trial_config(params)
     with oom_is_a_resource_problem(study.gpu, cfg.train.batch_size):
         _run_trial(params, study, cfg, data, w_data, tracking)
-
-
-@contextmanager
-def oom_is_a_resource_problem(gpu: float, batch_size: int) -> Iterator[None]:
-    """Report CUDA out-of-memory as what it is (a GPU share or batch too large), not as a bad config."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as e:
-        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
-        raise TrialOutOfMemory(
-            f"out of GPU memory (resources.gpu={gpu} per trial, train.batch_size={batch_size}): {first}. Retried "
-            "from the last checkpoint; if it keeps failing, give each trial a larger GPU share or a smaller batch") from e
 
 
 def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: Any, tracking: Any) -> None:

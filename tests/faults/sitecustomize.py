@@ -11,6 +11,9 @@ that matching trials fail:
 * a ``:oom`` suffix raises CUDA's out-of-memory error instead of a RuntimeError.
 
 Several rules are separated by ``;``. Keys are the dotted trial-config keys.
+
+``LCL_TUNE_PERIOD_S=S`` (alone or with the rules) makes every evaluation period last at least S
+seconds, as a real trial's would: long enough studies for outage tests, on a tiny model.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import sys
 
 FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
+PERIOD_ENV = "LCL_TUNE_PERIOD_S"
 TARGET = "lcl_tune.core.engine"
 
 
@@ -55,11 +59,17 @@ def _patch(engine) -> None:
         return restore(self, *args, **kwargs)
 
     def failing_run(self, *args, **kwargs):
+        import time
+
         flat, resumed = self.cfg.flat(), getattr(self, "_fault_resumed", False)
+        period_s = float(os.environ.get(PERIOD_ENV) or 0)
         _maybe_fail(flat, 0, resumed)
+        start = time.monotonic()
         for report in run(self, *args, **kwargs):
+            time.sleep(max(0.0, period_s - (time.monotonic() - start)))
             _maybe_fail(flat, report["period"], resumed)
             yield report
+            start = time.monotonic()
 
     trainer.restore, trainer.run = restore_and_mark, failing_run
 
@@ -83,5 +93,5 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if os.environ.get(FAIL_ENV):
+if os.environ.get(FAIL_ENV) or os.environ.get(PERIOD_ENV):
     sys.meta_path.insert(0, _PatchOnImport())

@@ -97,6 +97,9 @@ def test_a_torn_last_record_is_ignored(tmp_path):
         fh.write('{"seq": 2, "op": "metr')  # the process died mid-write
     again = S.Spool(tmp_path / "t.jsonl")
     assert [r["seq"] for r in again.pending()] == [1] and again.last_seq == 1
+    again.append("metrics", metrics=[["a", 2.0, 2, 2]])  # the next record is not glued to the fragment
+    again.close()
+    assert [r["seq"] for r in S.Spool(tmp_path / "t.jsonl").records()] == [1, 2]
 
 
 def test_the_driver_closes_runs_without_waiting(target, monkeypatch):

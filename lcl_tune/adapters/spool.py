@@ -49,7 +49,10 @@ class Spool:
         self.ack_path = self.path.with_suffix(".ack")
         self.files = self.path.with_suffix(".files")
         self._lock = threading.Lock()
-        self._seq = max((r["seq"] for r in self.records()), default=0)
+        self._drop_torn_tail()
+        self._records = self.records()  # read once: later records are kept as they are appended
+        self._seq = max((r["seq"] for r in self._records), default=0)
+        self._acked = self.acked()["seq"]
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the spool's life
 
     def append(self, op: str, files: Path | None = None, **args: Any) -> int:
@@ -61,10 +64,22 @@ class Spool:
                 kept = self.files / str(self._seq)
                 shutil.copytree(files, kept, dirs_exist_ok=True)
                 args["dir"] = str(kept)
-            self._fh.write(json.dumps({"seq": self._seq, "op": op, "args": args}) + "\n")
+            record = {"seq": self._seq, "op": op, "args": args}
+            self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
+            self._records.append(record)
             return self._seq
+
+    def _drop_torn_tail(self) -> None:
+        """A process that died mid-write leaves a line without its newline; the append it was
+        making never returned, so the fragment is cut off (else the next record would be glued to it)."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
 
     @property
     def last_seq(self) -> int:
@@ -90,12 +105,20 @@ class Spool:
 
     def ack(self, seq: int, state: dict[str, Any]) -> None:
         write_json(self.ack_path, {"seq": seq, **state})  # state: plain JSON (the target, the run id)
+        with self._lock:
+            self._acked = seq
+            self._records = [r for r in self._records if r["seq"] > seq]
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.files / str(seq))
 
+    @property
+    def acked_seq(self) -> int:
+        return self._acked
+
     def pending(self) -> list[dict[str, Any]]:
-        done = self.acked()["seq"]
-        return [r for r in self.records() if r["seq"] > done]
+        """The records not acknowledged yet, in order (from memory: the journal is read once)."""
+        with self._lock:
+            return [r for r in self._records if r["seq"] > self._acked]
 
     def close(self) -> None:
         self._fh.close()
@@ -124,7 +147,7 @@ class SpoolSender:
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for everything journalled to be sent; True if it was."""
         deadline = time.monotonic() + timeout
-        while self.spool.acked()["seq"] < self.spool.last_seq:
+        while self.spool.acked_seq < self.spool.last_seq:
             if time.monotonic() >= deadline:
                 return False
             with self._wake:

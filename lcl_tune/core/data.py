@@ -303,7 +303,7 @@ def _file_columns(d: DataConfig, key: str, path: str) -> tuple[list[str], list[A
                               f"(columns: {', '.join(table.column_names)})", f"set data.{col_key} to one of them")
     column = table.column(d.text_column)
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):  # Arrow's verdict on bad text
-        bad = next(i for i, v in enumerate(column.to_pylist()) if v is not None and not _decodes(v, d.encoding))
+        bad = next((i for i, v in enumerate(column.to_pylist()) if v is not None and not _decodes(v, d.encoding)), 0)
         raise ConfigError("data.encoding", f"row {bad + 1} of {name} is not valid {d.encoding} text",
                           "set data.encoding to the file's encoding (e.g. latin-1), or re-save it as UTF-8")
     texts = ["" if t is None else str(t) for t in column.to_pylist()]

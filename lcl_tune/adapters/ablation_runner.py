@@ -36,7 +36,7 @@ from lcl_tune.schema.ablation import Ablation, cell_name, cell_of
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune,
-                     wait_for_spools)
+                     wait_for_spools, TRIAL_LOGS)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log, redact, write_json
 
@@ -181,7 +181,8 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
         param_space={"cell": tune.grid_search(new)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=None),
         run_config=tune.RunConfig(
-            name=name, storage_path=f"{place.ray_storage}/ray", verbose=1,
+            name=name, storage_path=f"{place.ray_storage}/ray", verbose=1, log_to_file=TRIAL_LOGS,
+            sync_config=tune.SyncConfig(sync_artifacts=True),
             callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ab.metric,
                                                     checkpoint_score_order=ab.mode),  # best 2 + latest

@@ -278,6 +278,17 @@ def _tune_config(study: Study, journal: Path) -> "tune.TuneConfig":
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
 
 
+TRIAL_LOGS = ("stdout.log", "stderr.log")
+
+
+def trial_log_tail(path: str | os.PathLike, lines: int = 5) -> str:
+    """The last ``lines`` lines a trial wrote to stderr (its folder's ``stderr.log``), or ''."""
+    log_file = Path(path) / TRIAL_LOGS[1]
+    if not log_file.is_file():
+        return ""
+    return "\n".join(_strip_ansi(log_file.read_text(errors="replace")).rstrip().splitlines()[-lines:])
+
+
 def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "tune.RunConfig":
     reporter = tune.CLIReporter(
         metric_columns={"training_iteration": "period", study.tune_metric: "best",
@@ -287,6 +298,8 @@ def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "t
         sort_by_metric=True)
     return tune.RunConfig(
         name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
+        # each trial's own stdout/stderr (its warnings too), uploaded with its checkpoints to its trial folder
+        log_to_file=TRIAL_LOGS, sync_config=tune.SyncConfig(sync_artifacts=True),
         # the best periods by the study metric (and, always, the latest: resume needs it)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep, checkpoint_score_attribute=study.metric,
                                                 checkpoint_score_order=study.mode),
@@ -492,6 +505,9 @@ def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> Non
         log.info(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})")
     for row in table[table["status"] == STATUS_ERRORED].to_dict("records") if len(table) else []:
         log.info(f"errored trial {row['trial_id']} ({row['error_kind']}): {row['error'].strip().splitlines()[-1][:200]}")
+        tail = trial_log_tail(row["path"]) if "://" not in str(row["path"]) else ""
+        if tail:
+            log.info("  its last lines (" + str(Path(row["path"]) / TRIAL_LOGS[1]) + "):\n    " + tail.replace("\n", "\n    "))
     log.info(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}")
 
 

@@ -509,7 +509,7 @@ def close_left_running(target: TrackingTarget, outcomes: Mapping[str, tuple[str,
         trial_id = run.data.tags.get(TAG_TRIAL)
         if run.data.tags.get(TAG_STATUS) == "running" and trial_id in outcomes:
             status, cost, step = outcomes[trial_id]
-            close_trial(target, trial_id, status, cost=cost, step=step)
+            close_trial(target, trial_id, status, cost=cost, step=step, direct=True)  # after the drain: straight to the store
             closed.append(trial_id)
     return closed
 

@@ -398,4 +398,7 @@ def test_grid_and_gp_studies_run_end_to_end(tmp_path, sampler):
         assert sorted(zip(table["loss.temperature"], table["weighting.name"])) == [
             (0.1, "self"), (0.1, "uniform"), (0.5, "self"), (0.5, "uniform")]
     else:
-        assert table["optim.lr"].between(1e-4, 3e-2).all() and table["optim.lr"].nunique() == 5
+        # in bounds; Optuna's GP maximises its acquisition inside the box, so a corner it already
+        # tried can win again (seen once: (0.05, 1e-4) twice): distinct points, not all 5
+        points = set(zip(table["loss.temperature"], table["optim.lr"]))
+        assert table["optim.lr"].between(1e-4, 3e-2).all() and len(points) >= 4

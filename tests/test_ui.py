@@ -74,10 +74,12 @@ def make_study(folder: Path, name: str = "ui-demo", trials: list[tuple[float, st
         details = {"label_names": LABELS, "dev/confusion": [[8, 2, 0], [1, 6, 3], [0, 2, 9]],
                    "dev/per_class_f1": {"negative": 0.84, "neutral": 0.63, "positive": 0.82}}
         run.log_details(details, cfg.to_yaml())
+        assert run.close(timeout=60)  # as the trainable does at its end: its spool is sent
         T.close_trial(target, trial_id, "completed" if i % 2 == 0 else "stopped early",
                       cost=T.trial_cost(12.0 + i, 1.0, 0.0), step=20, details=details)
         names.append(T.run_name(cfg.flat()))
         run_ids.append(run.run_id)
+    assert T.close_driver_sender(target.spool_dir, timeout=60)  # as the end of a study does
     best = round(0.35 + 0.1 * (len(trials) - 1) + 0.2, 3)
     T.finish_study(target, summary_metrics={"best/dev/weighted_f1": best, "trials/completed": len(trials)},
                    tags={"lcl_tune.trials": str(len(trials))}, artifacts=[])

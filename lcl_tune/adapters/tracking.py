@@ -321,7 +321,7 @@ class TrialRun:
         confusion-matrix figure is drawn once, by the driver when the trial ends (``close_trial``):
         drawing it at every report would cost a short trial more than its evaluations do."""
         with tempfile.TemporaryDirectory() as tmp:
-            write_trial_artifacts(Path(tmp), details, config_yaml)
+            write_trial_artifacts(Path(tmp), details, config_yaml, figure=False)
             self._record("artifacts", Path(tmp))
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -390,6 +390,14 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
     _retry(lambda: client.log_batch(run_id, metrics=batch), "log_batch")
 
 
+def log_details(client: MlflowClient, run_id: str, details: Mapping[str, Any], config_yaml: str, *,
+                figure: bool = True) -> None:
+    """The artifacts of :func:`write_trial_artifacts`, sent at once (the final training's run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_trial_artifacts(Path(tmp), details, config_yaml, figure=figure)
+        _retry(lambda: client.log_artifacts(run_id, tmp), "log_artifacts")
+
+
 def log_confusion_figure(client: MlflowClient, run_id: str, details: Mapping[str, Any]) -> None:
     """``confusion_matrix.png`` of a trial's last report (next to its ``confusion_matrix.json``)."""
     from lcl_tune.analysis.plots import confusion_matrix_png
@@ -413,14 +421,19 @@ def _param_value(v: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
-def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str) -> None:
-    """A report's artifacts: resolved config, confusion matrix (JSON) and per-class F1 table (the
-    figure is drawn once, when the trial ends: :func:`log_confusion_figure`)."""
+def write_trial_artifacts(folder: Path, details: Mapping[str, Any], config_yaml: str, *, figure: bool = True) -> None:
+    """A report's artifacts: resolved config, confusion matrix (JSON, and with ``figure`` a PNG)
+    and per-class F1 table. A trial's reports skip the figure (drawn once, when the trial ends:
+    :func:`log_confusion_figure`); a final training draws it with its artifacts."""
+    from lcl_tune.analysis.plots import confusion_matrix_png
+
     labels = list(details.get("label_names", []))
     cm = details.get("dev/confusion")
     (folder / "config.yaml").write_text(config_yaml)
     if cm is not None:
         (folder / "confusion_matrix.json").write_text(json.dumps({"labels": labels, "matrix": cm}))
+        if figure:
+            confusion_matrix_png(cm, labels, folder / "confusion_matrix.png", title="dev confusion matrix")
     f1 = details.get("dev/per_class_f1") or {}
     support = [sum(row) for row in cm] if cm is not None else [None] * len(f1)
     lines = ["class,f1,support"] + [f"{_csv(name)},{value:.6f},{s}" for (name, value), s in zip(f1.items(), support)]

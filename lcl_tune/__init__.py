@@ -7,7 +7,7 @@ The subpackages are the layers; imports run down this list, never up:
   (torch / transformers / datasets / pyarrow; runs without Ray)
 * :mod:`lcl_tune.analysis`  ablation statistics and plots (pure functions)
 * :mod:`lcl_tune.adapters`  the only code importing Ray, Optuna and MLflow
-* :mod:`lcl_tune.workflows` export of the best configuration, final training
+* :mod:`lcl_tune.workflows` export of the best configuration, final training, prediction, comparison
 * :mod:`lcl_tune.cli`       ``lcl-tune``, the MLflow UI wrapper, the offline cluster check
 
 :mod:`lcl_tune.util` holds the few helpers every layer shares (atomic writes, "did you mean",

@@ -74,6 +74,19 @@ def test_report_has_one_row_per_arm_with_statistics(ablation):
     assert "3 arms × 3 seeds = 9 cells (0 finished, 9 to run)" in out
 
 
+def test_cells_show_their_progress_and_rays_output_goes_to_a_file(ablation):
+    _, _, folder, out = ablation
+    assert "== Status ==" not in out and (folder / "ray_status.log").is_file()
+    snap = json.loads((folder / "progress.json").read_text())  # the cells (or, later, the final phase)
+    assert snap["kind"] == "ablation" and snap["outcome"] == "finished" and snap["columns"] == ["arm", "seed"]
+    cells = sorted((t["params"]["arm"], t["params"]["seed"]) for t in snap["trials"])
+    assert cells == sorted((arm, seed) for arm in ("ce", "scl", "lcl") for seed in SEEDS)
+    assert {t["status"] for t in snap["trials"]} == {"completed"} and {t["max_t"] for t in snap["trials"]} == {2}
+    for arm in ("ce", "scl", "lcl"):
+        assert f"started: arm={arm} seed=1" in out
+    assert "ablation 'abl' (cells): 9/9 done (9 completed)" in out
+
+
 def test_mlflow_holds_the_three_level_tree(ablation):
     from mlflow.tracking import MlflowClient
 
@@ -123,8 +136,8 @@ def test_export_then_final_training_reproduces_the_dev_metric(ablation, tmp_path
     assert metrics["final"]["dev/weighted_f1"] == prov["selection"]["final"]["dev/weighted_f1"]  # exactly, on CPU
     assert metrics["final"]["dev/accuracy"] == prov["selection"]["final"]["dev/accuracy"]
     assert "test" in metrics and sum(map(sum, metrics["test"]["confusion"])) > 0
-    assert (seed_dir / "model" / "encoder" / "config.json").is_file()
-    assert (seed_dir / "model" / "tokenizer" / "tokenizer.json").is_file()
+    assert (seed_dir / "model" / "config.json").is_file() and (seed_dir / "model" / "tokenizer.json").is_file()
+    assert (seed_dir / "test_predictions.csv").is_file()
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(prov["mlflow"]["tracking_uri"]).get_run(metrics["mlflow"]["run_id"])

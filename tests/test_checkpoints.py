@@ -98,14 +98,14 @@ def test_a_checkpoint_of_another_model_shape_is_a_one_line_error(tiny_cfg, tmp_p
     trainer = Trainer(tiny_cfg(), progress=False)
     trainer.save(tmp_path / "state.pt")
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    state["model"]["head.weight"] = torch.zeros(7, state["model"]["head.weight"].shape[1])
+    state["model"]["hf.classifier.weight"] = torch.zeros(7, state["model"]["hf.classifier.weight"].shape[1])
     torch.save(state, tmp_path / "seven.pt")
     fresh = Trainer(tiny_cfg(), progress=False)
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     with pytest.raises(ConfigError) as e:
         fresh.restore(tmp_path / "seven.pt")
     msg = str(e.value)
-    assert "\n" not in msg and "seven.pt was written by another model shape (head.weight has shape (7, " in msg
+    assert "\n" not in msg and "seven.pt was written by another model shape (hf.classifier.weight has shape (7, " in msg
     assert "Fix: resume with the config that wrote it" in msg
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())  # nothing half-loaded
 

@@ -167,26 +167,26 @@ def test_lcl_tune_version_differs_between_head_and_worker(tmp_path):
         tree["available_node_types"][WORKER]["worker_setup_commands"] = tree["setup_commands"][:3] + [
             'pip install "lcl-tune==0.0.9" "ray[default,tune]==2.60.0"']
     line = only(check(broken_tree(tmp_path, edit)), f"available_node_types.{WORKER}.worker_setup_commands[3]:",
-                "installs lcl-tune 0.0.9, not 0.1.0")
-    assert f"{WORKER} 0.0.9" in line and "head (head_cpu) 0.1.0" in line
+                "installs lcl-tune 0.0.9, not 0.2.0")
+    assert f"{WORKER} 0.0.9" in line and "head (head_cpu) 0.2.0" in line
 
 
 def test_wheel_of_another_version(tmp_path):
-    path = broken_text(tmp_path, "\n    /home/ubuntu/lcl_tune/dist/lcl_tune-0.1.0-py3-none-any.whl\n",
-                       "\n    /home/ubuntu/lcl_tune/dist/lcl_tune-0.2.0-py3-none-any.whl\n")
+    path = broken_text(tmp_path, "\n    /home/ubuntu/lcl_tune/dist/lcl_tune-0.2.0-py3-none-any.whl\n",
+                       "\n    /home/ubuntu/lcl_tune/dist/lcl_tune-0.3.0-py3-none-any.whl\n")
     problems = check(path)
-    only(problems, "setup_commands[3]:", "installs lcl-tune 0.2.0, not 0.1.0", "rebuild the wheel")
+    only(problems, "setup_commands[3]:", "installs lcl-tune 0.3.0, not 0.2.0", "rebuild the wheel")
     only(problems, "setup_commands[3]:", "no file_mounts entry puts it there")
 
 
-def test_ray_must_be_pinned_to_the_pyproject_version(tmp_path):
+def test_ray_must_be_pinned_to_the_locked_version(tmp_path):
     path = broken_text(tmp_path, '"ray[default,tune]==2.60.0"', '"ray[default,tune]==2.59.0"')
-    only(check(path), "setup_commands[3]:", "installs ray 2.59.0, not 2.60.0", "pyproject.toml")
+    only(check(path), "setup_commands[3]:", "installs ray 2.59.0, not 2.60.0", "requirements/lock.txt")
     path = broken_text(tmp_path, '"ray[default,tune]==2.60.0"', '"ray[default,tune]"')
     only(check(path), "setup_commands[3]:", "installs ray without pinning")
 
 
-def test_torch_pin_must_match_pyproject(tmp_path):
+def test_torch_pin_must_match_the_lock(tmp_path):
     path = broken_text(tmp_path, '"torch==2.13.0"', '"torch==2.12.0"')
     only(check(path), "setup_commands[3]:", "installs torch 2.12.0", "torch==2.13.0")
 
@@ -272,7 +272,7 @@ def test_local_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     problems = validate_cluster_config(CLUSTER, pyproject=PYPROJECT, local_files=True)
     only(problems, "file_mounts./home/ubuntu/lcl_tune/search_spaces:", "does not exist")
-    only(problems, "dist/lcl_tune-0.1.0-py3-none-any.whl", "python -m pip wheel --no-deps -w dist .")
+    only(problems, "dist/lcl_tune-0.2.0-py3-none-any.whl", "python -m pip wheel --no-deps -w dist .")
 
 
 def test_cli_reports_problems_and_exits_1(tmp_path, capsys):

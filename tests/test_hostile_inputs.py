@@ -7,7 +7,6 @@ an unexpected exception fails the test with its traceback instead of passing as 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable

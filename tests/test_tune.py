@@ -125,6 +125,48 @@ def test_each_trial_keeps_its_own_log_files(study_run):
         assert (Path(path) / "stdout.log").is_file() and (Path(path) / "stderr.log").is_file(), path
 
 
+def test_the_terminal_shows_one_line_per_event_not_rays_status_block(study_run):
+    """Piped (not a terminal): one line per trial event and a study line per finished trial; Ray's
+    `== Status ==` block and its log lines are in ray_status.log instead."""
+    folder, table, out = study_run
+    assert "== Status ==" not in out and "Result logdir" not in out and "ray.tune" not in out
+    for row in table.to_dict("records"):
+        assert f"trial {row['trial_id']} started: loss.lam=" in out
+    for row in table[table["status"] == "errored"].to_dict("records"):
+        assert f"trial {row['trial_id']} errored" in out
+        assert "injected failure for weighting.name=ema" in out.split(f"trial {row['trial_id']} errored", 1)[1]
+    for row in table[table["status"] == "stopped early"].to_dict("records"):
+        assert f"trial {row['trial_id']} stopped early by ASHA after {row['periods']}/3 periods" in out
+    for row in table[(table["weighting.name"] == "self") & (table["periods"] > 1)].to_dict("records"):
+        # failed once at period 2, then went on from its checkpoint
+        assert f"trial {row['trial_id']} failed, retry 1 (from its last checkpoint, if any)" in out
+    assert f"study 'e2e': {NUM_SAMPLES}/{NUM_SAMPLES} done" in out and "| finished in" in out
+    status_log = (folder / "ray_status.log").read_text()
+    assert "== Status ==" in status_log and "Result logdir" in status_log
+    assert "INFO ray.tune" in status_log  # Ray Tune's own log lines
+
+
+def test_progress_json_matches_the_results_and_status_renders_it(study_run, capsys):
+    from lcl_tune.cli.main import main
+
+    folder, table, _ = study_run
+    snap = json.loads((folder / "progress.json").read_text())
+    assert snap["outcome"] == "finished" and snap["total"] == NUM_SAMPLES and snap["slots"] == 2
+    assert {t["id"]: t["status"] for t in snap["trials"]} == dict(zip(table["trial_id"], table["status"]))
+    by_id = table.set_index("trial_id")
+    for t in snap["trials"]:
+        if t["status"] != "errored":
+            assert t["best"] == pytest.approx(by_id.loc[t["id"], "best/dev/weighted_f1"])
+            assert t["period"] == by_id.loc[t["id"], "periods"] and t["max_t"] == 3
+        else:
+            assert "injected failure" in t["error"]
+    assert main(["status", str(folder)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.splitlines()[0].startswith(f"{folder}: finished (ended ")
+    assert all(trial_id in shown for trial_id in table["trial_id"])
+    assert f"study 'e2e': {NUM_SAMPLES}/{NUM_SAMPLES} done" in shown
+
+
 def test_a_retried_trial_continues_from_its_checkpoint(study_run):
     """`self` trials crashed at period 2 once; the retry restored period 1's checkpoint, so the
     reported steps continue (3, 6, 9) instead of restarting at 3."""
@@ -192,7 +234,7 @@ def test_mlflow_has_one_parent_and_one_child_per_trial(study_run):
     parent = parents[0]
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
-    assert parent.data.tags["lcl_tune.git_commit"] and parent.data.tags["lcl_tune.version"] == "0.1.0"
+    assert parent.data.tags["lcl_tune.git_commit"] and parent.data.tags["lcl_tune.version"] == "0.2.0"
     assert parent.data.tags["lcl_tune.best_trial_id"] in set(table["trial_id"])
     parent_files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {"study.yaml", "command.txt", "results.parquet", "parallel_coordinates.png"} <= parent_files
@@ -327,7 +369,7 @@ def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path):
     assert prov["mlflow"]["run_id"] and len(prov["data_fingerprint"]) >= 16 and prov["git_commit"]
     assert doc["loss"]["temperature"] == pytest.approx(best["loss.temperature"])
 
-    progress = pd.read_csv(Path(best["path"]) / "progress.csv").set_index("step")
+    progress = pd.read_csv(Path(best["path"]) / "progress.csv", float_precision="round_trip").set_index("step")
     step = prov["selection"]["step"]  # the selected state: a period with the trial's best dev value (ties: any)
     assert doc["train"]["stop_step"] == step and progress.loc[step, "dev/weighted_f1"] == best["best/dev/weighted_f1"]
     assert Path(prov["selection"]["checkpoint"]).is_dir()  # kept by Ray as the trial's best checkpoint
@@ -402,3 +444,22 @@ def test_grid_and_gp_studies_run_end_to_end(tmp_path, sampler):
         # tried can win again (seen once: (0.05, 1e-4) twice): distinct points, not all 5
         points = set(zip(table["loss.temperature"], table["optim.lr"]))
         assert table["optim.lr"].between(1e-4, 3e-2).all() and len(points) >= 4
+
+
+def test_a_trial_loads_a_pretrained_encoder_under_rays_log_to_file(minilm_path, monkeypatch):
+    """Inside a trial, Ray's ``log_to_file`` makes ``sys.stdout`` a ``Tee`` without ``isatty()``, and
+    transformers' loading report asks it whenever a pretrained encoder gets a new head: every
+    quickstart trial crashed that way while the tests, building tiny models from configs, passed."""
+    import io
+
+    from ray.tune.utils.util import Tee
+
+    from lcl_tune.adapters.trainable import complete_log_streams
+    from lcl_tune.core.model import build_classifier
+
+    monkeypatch.setattr(sys, "stdout", Tee(sys.__stdout__, io.StringIO()))
+    with pytest.raises(AttributeError, match="isatty"):  # what the trial met
+        build_classifier(str(minilm_path), 3)
+    complete_log_streams()
+    model = build_classifier(str(minilm_path), 3)
+    assert sys.stdout.isatty() is False and model.hf.config.num_labels == 3

@@ -10,6 +10,7 @@ Everything of an ablation lives in ``<storage>/<name>/``::
     cells/           one JSON per finished (arm, seed) cell: metrics, details, config, run ids
     final/           with --final: the same per arm and seed for the final phase (test split evaluated)
     ray/cells-<k>/   the Ray experiments of the cells (an interrupted one is resumed by the next run)
+    progress.json    the live snapshot of the cells running now (``lcl-tune status``); ray_status.log: Ray's output
     report/          report.md / report.tex / *.csv / arms.png (also `lcl-tune report DIR`)
 
 A rerun of the same command skips finished cells (and finished tuning phases), and continues the
@@ -37,6 +38,7 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune,
                      wait_for_spools, TRIAL_LOGS)
+from lcl_tune.adapters.progress import cells_progress, parallel_slots, ray_status_reporter, showing_progress
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log, redact, write_json
 
@@ -167,8 +169,9 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
         if any(not finished(c) for c in held):
             log.info(f"resuming the cells of {name}: {', '.join(c for c in held if not finished(c))}")
             # the grid again, as it was: without it Ray's restored variant generator adds an empty trial
-            tune.Tuner.restore(f"{place.ray_storage}/ray/{name}", trainable, resume_unfinished=True,
-                               resume_errored=True, param_space={"cell": tune.grid_search(held)}).fit()
+            with showing_progress(place.folder):  # the experiment's own progress callback and reporter
+                tune.Tuner.restore(f"{place.ray_storage}/ray/{name}", trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space={"cell": tune.grid_search(held)}).fit()
     held = {c for cells_of in restorable.values() for c in cells_of}
     new = [c for c in cells if c not in held and not finished(c)]
     if not new:
@@ -176,17 +179,22 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     name = f"{cell_dir}-{len(experiments) + 1}"
     (place.folder / "ray").mkdir(parents=True, exist_ok=True)
     write_json(place.folder / "ray" / f"{name}.json", new)  # which cells this experiment holds, before it runs
-    tune.Tuner(
+    slots = parallel_slots(None, ray.cluster_resources(), ab.cpu, ab.gpu)
+    progress = cells_progress(ab, place.folder, new, cell_dir, slots, len(data.train) if data is not None else None)
+    tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(new)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=None),
         run_config=tune.RunConfig(
             name=name, storage_path=f"{place.ray_storage}/ray", verbose=1, log_to_file=TRIAL_LOGS,
             sync_config=tune.SyncConfig(sync_artifacts=True),
-            callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu)],
+            callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu), progress],
+            progress_reporter=ray_status_reporter(place.folder, ab.metric, ab.tune_metric, ["cell"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ab.metric,
                                                     checkpoint_score_order=ab.mode),  # best 2 + latest
-            failure_config=tune.FailureConfig(max_failures=ab.max_retries))).fit()
+            failure_config=tune.FailureConfig(max_failures=ab.max_retries)))
+    with showing_progress(place.folder):
+        tuner.fit()
 
 
 def _cell_experiments(folder: Path, cell_dir: str) -> dict[str, list[str]]:

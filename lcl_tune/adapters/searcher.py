@@ -42,7 +42,7 @@ try:
     from ray.tune.search import Searcher
 except ImportError as e:  # pragma: no cover - exercised only without the extras
     raise ImportError(f"lcl_tune.adapters.searcher needs Ray Tune and Optuna ({e.name} is missing): "
-                      "pip install 'ray[tune]>=2.40' 'optuna>=4.2'") from e
+                      "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 RAY_TRIAL_ATTR = "ray_trial_id"
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"

@@ -7,6 +7,8 @@ Everything of a study lives in ``<storage>/<name>/``::
     ray/              Ray Tune's experiment folder (trial folders, checkpoints, searcher state)
     optuna.journal    the Optuna study (``optuna-dashboard optuna.journal``; ``optuna.load_study``)
     results.parquet   one row per trial: dotted config columns, final + best metrics, status, wall time
+    progress.json     the live snapshot of the trials (``lcl-tune status``; :mod:`lcl_tune.adapters.progress`)
+    ray_status.log    Ray's own status table and log lines (the terminal shows the progress table)
 
 The Optuna study lives in ``optuna.journal`` from the first trial on (:mod:`lcl_tune.adapters.searcher`):
 trials ASHA stopped are PRUNED with their intermediate values, ``optuna-dashboard`` shows a study
@@ -38,9 +40,10 @@ try:
     from ray import tune
 except ImportError as e:  # pragma: no cover - exercised only without the extras
     raise ImportError(f"lcl_tune.adapters.study_runner needs Ray Tune and Optuna ({e.name} is missing): "
-                      "pip install 'ray[tune]==2.60.0' 'optuna==5.0.0'") from e
+                      "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 from lcl_tune.adapters import tracking as T
+from lcl_tune.adapters.progress import parallel_slots, ray_status_reporter, showing_progress, study_progress
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
                                         check_sampler_options, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
@@ -148,10 +151,13 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         log.info(f"resuming study {study.name!r} from {ray_dir}")
         tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        run_config = _run_config(study, place.ray_storage, verbose, [TrialOutcomes(target, study)])
+        slots = parallel_slots(study.max_concurrent, ray.cluster_resources(), study.cpu, study.gpu)
+        run_config = _run_config(study, place.ray_storage, verbose,
+                                 [TrialOutcomes(target, study), study_progress(study, folder, slots)], folder)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal"), run_config=run_config)
     start = time.time()
-    grid = tuner.fit()
+    with showing_progress(folder):
+        grid = tuner.fit()
     t_fit = time.time() - start
     table = results_table(grid, study, place.remote)
     write_results(table, folder)
@@ -186,8 +192,10 @@ def _write_study(study: Study, folder: Path, command: str | None) -> None:
 
 
 def _init_ray(address: str | None) -> None:
-    """Connect to ``address`` or start a local Ray; progress goes to the classic table reporter."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the CLIReporter below picks the columns
+    """Connect to ``address`` or start a local Ray. Ray's classic output engine, because its newer
+    one ignores a passed reporter and prints to the terminal: ours writes Ray's status to a file
+    (:mod:`lcl_tune.adapters.progress`)."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save experiment state at every step...
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ...on purpose
     if ray.is_initialized():
@@ -289,13 +297,10 @@ def trial_log_tail(path: str | os.PathLike, lines: int = 5) -> str:
     return "\n".join(_strip_ansi(log_file.read_text(errors="replace")).rstrip().splitlines()[-lines:])
 
 
-def _run_config(study: Study, storage: str, verbose: int, callbacks: list) -> "tune.RunConfig":
-    reporter = tune.CLIReporter(
-        metric_columns={"training_iteration": "period", study.tune_metric: "best",
-                        study.metric: "last", "time_total_s": "seconds"},
-        # conditional parameters are absent from some trials' configs, which the reporter cannot show
-        parameter_columns=[p.key for p in study.params if not p.when], max_report_frequency=15,
-        sort_by_metric=True)
+def _run_config(study: Study, storage: str, verbose: int, callbacks: list, folder: Path) -> "tune.RunConfig":
+    """The terminal shows the progress callback's table; Ray's own status goes to ray_status.log."""
+    # conditional parameters are absent from some trials' configs, which Ray's reporter cannot show
+    reporter = ray_status_reporter(folder, study.metric, study.tune_metric, [p.key for p in study.params if not p.when])
     return tune.RunConfig(
         name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
         # each trial's own stdout/stderr (its warnings too), uploaded with its checkpoints to its trial folder
@@ -414,8 +419,10 @@ def study_plots(table: Any, study: Study, folder: Path, journal: Path) -> list[P
     if not complete:
         return []
     name = study.tune_metric
-    out = [save_figure(vis.plot_parallel_coordinate(ostudy, target_name=name), folder / "parallel_coordinates.png",
-                       f"{study.name}: {len(complete)} trials")]
+    with warnings.catch_warnings():  # a parameter with one value gives matplotlib a flat axis, and a warning
+        warnings.filterwarnings("ignore", message="Attempting to set identical low and high", category=UserWarning)
+        figure = vis.plot_parallel_coordinate(ostudy, target_name=name)
+    out = [save_figure(figure, folder / "parallel_coordinates.png", f"{study.name}: {len(complete)} trials")]
     try:
         if len(complete) >= 2:
             out.append(save_figure(vis.plot_param_importances(ostudy, target_name=name), folder / "importance.png",

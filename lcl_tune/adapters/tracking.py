@@ -42,7 +42,7 @@ try:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("lcl_tune.adapters.tracking needs MLflow: pip install 'mlflow==3.17.2'") from e
+    raise ImportError("lcl_tune.adapters.tracking needs MLflow: pip install 'mlflow>=3.10'") from e
 
 TAG_ROLE = "lcl_tune.role"  # study | trial (ablation | arm | seed for ablations)
 TAG_STUDY = "lcl_tune.study"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,8 +47,18 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
         _run_trial(params, study, cfg, data, w_data, tracking)
 
 
+def complete_log_streams() -> None:
+    """Ray's ``log_to_file`` swaps ``sys.stdout``/``sys.stderr`` for a ``Tee`` that has no
+    ``isatty()``; a library that asks (transformers' loading report does, whenever a pretrained
+    encoder gets a new classification head) would crash the trial. A Tee is not a terminal."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and not hasattr(stream, "isatty"):
+            stream.isatty = lambda: False
+
+
 def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: Any, tracking: Any) -> None:
     entered = time.time()
+    complete_log_streams()
     from lcl_tune.core.engine import Trainer
 
     context = tune.get_context()

@@ -6,7 +6,8 @@ prints ``cluster.yaml: valid`` or one line per problem, ``<file>: <key>: <proble
 exits 1. First Ray's own checks, those ``ray up`` makes before it creates a node provider, listing
 every schema error (Ray raises the first). Then the project's invariants, which Ray does not check:
 every command list set (Ray's defaults install a nightly Ray); lcl-tune and ray on every node at the
-pins of pyproject.toml (other pins there agreeing); ``LCL_TUNE_STORAGE`` object storage and
+versions of pyproject.toml and its lock file requirements/lock.txt (other pins agreeing with the lock);
+``LCL_TUNE_STORAGE`` object storage and
 ``LCL_TUNE_TRACKING_URI`` the head's ``mlflow server`` (on all interfaces and the URI's port); a CPU
 head, and GPU workers declaring ``resources: {GPU: n}`` (no instance catalogue to go stale);
 ``min_workers <= max_workers`` (Ray silently takes the smaller) and a GPU type with ``min_workers >=
@@ -93,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+LOCK = Path("requirements") / "lock.txt"  # beside pyproject.toml: the exact versions of the reference set-up
+
+
 class Pins(NamedTuple):
-    """The project's version and ``==`` pins (normalised names), and where they were read."""
+    """The project's version and exact pins (normalised names), and where they were read."""
     version: str | None
     pins: dict[str, str]
     origin: str
@@ -102,14 +106,19 @@ class Pins(NamedTuple):
 
 def project_pins(pyproject: str | os.PathLike | None = None, config_path: str | os.PathLike | None = None) -> Pins:
     """The versions the nodes must install: from ``pyproject``, else the project's pyproject.toml next
-    to the config or above it, else this source tree's, else the installed metadata (a wheel install)."""
+    to the config or above it, else this source tree's, else the installed metadata (a wheel install).
+    pyproject.toml declares ranges; the exact versions are those of its lock file (``LOCK`` beside it),
+    where one exists, and any ``==`` pin of pyproject.toml itself."""
     folders = [*Path(config_path).resolve().parents] if config_path else []
     for candidate in [Path(pyproject)] if pyproject else [d / "pyproject.toml" for d in
                                                           folders + [*Path(__file__).resolve().parents]]:
         toml = tomllib.loads(candidate.read_text("utf-8")) if tomllib and candidate.is_file() else {}
         project = toml.get("project", {})
         if canonicalize_name(str(project.get("name", ""))) == PROJECT:
-            return Pins(project.get("version"), _pins_of(project.get("dependencies", [])), str(candidate))
+            lock = candidate.parent / LOCK
+            locked = _locked(lock) if lock.is_file() else {}
+            return Pins(project.get("version"), locked | _pins_of(project.get("dependencies", [])),
+                        str(lock) if locked else str(candidate))
     try:
         version = metadata.version(PROJECT)
     except metadata.PackageNotFoundError:
@@ -122,6 +131,12 @@ def _pins_of(requirements: Iterable[str]) -> dict[str, str]:
     """``name -> version`` of the exact pins among ``requirements``, leaving out those of extras."""
     reqs = [Requirement(r) for r in requirements]
     return {canonicalize_name(r.name): v for r in reqs if (v := _exact(r)) and "extra" not in str(r.marker or "")}
+
+
+def _locked(path: Path) -> dict[str, str]:
+    """``name -> version`` of a pip constraints / lock file (``name==X`` lines; comments ignored)."""
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text("utf-8").splitlines())
+    return _pins_of(line for line in lines if line and not line.startswith("-"))
 
 
 def _exact(req: Requirement) -> str | None:
@@ -316,9 +331,10 @@ class Check:
         return {node: [i for i in self.installs if i.where.split("[")[0] in keys] for node, keys in lists.items()}
 
     def versions(self) -> Iterator[Problem]:
-        """lcl-tune and ray on every node at pyproject's versions, other pins agreeing: nodes running
+        """lcl-tune and ray on every node at the locked versions, other pins agreeing: nodes running
         different versions fail in ways no error message explains."""
-        ours, nodes = {PROJECT: self.pins.version, "ray": self.pins.pins.get("ray")}, self.node_installs()
+        ours = {k: v for k, v in {PROJECT: self.pins.version, "ray": self.pins.pins.get("ray")}.items() if v}
+        nodes = self.node_installs()
         origin = f"pyproject.toml ({self.pins.origin})" if self.pins.origin.endswith(".toml") else self.pins.origin
         for pkg, version, where, path in self.installs:
             if pkg in ours and not version:

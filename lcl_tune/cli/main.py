@@ -123,6 +123,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """A study's or ablation's progress from its progress.json (or, for a folder of an earlier
+    version, its results): the same table as the live one. Light: no Ray, torch or MLflow."""
+    from lcl_tune.analysis.progress import watch_status
+
+    watch_status(Path(args.dir).resolve(), sys.stdout, args.watch)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from lcl_tune.workflows.compare import compare, to_markdown, write_compare
 
@@ -130,6 +139,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(to_markdown(result))
     files = write_compare(result, args.out)
     print(f"wrote {files['markdown']} and {files['plot']}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Label, probability and top-k of each text, from a model folder of ``train --final``."""
+    from lcl_tune.workflows.predict import format_rows, load_pipeline, predict, read_texts, resolve_model_dir, to_frame
+
+    resolve_model_dir(args.model_dir)  # a wrong folder is one line, before transformers loads
+    texts = args.text if args.text else read_texts(args.file, args.text_column)
+    rows = predict(load_pipeline(args.model_dir, args.device), texts, args.top_k, args.batch_size)
+    if not args.out:
+        print(format_rows(rows))
+        return 0
+    from lcl_tune.util import atomic_write
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: to_frame(rows).to_csv(tmp, index=False))
+    print(f"wrote {len(rows)} predictions to {out}", file=sys.stderr)
     return 0
 
 
@@ -273,6 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="output YAML (default best.yaml)")
     e.set_defaults(func=cmd_export)
 
+    pr = sub.add_parser("predict", help="classify texts with a model saved by train --final (a transformers folder)")
+    pr.add_argument("model_dir", help="the model folder of train --final (lcl_runs/final/NAME/seed<k>/model)")
+    source = pr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to classify; repeatable")
+    source.add_argument("--file", help="texts to classify: .txt (one per line), or .csv/.tsv/.jsonl/.parquet")
+    pr.add_argument("--text-column", default="text", help="the text column of a table --file (default text)")
+    pr.add_argument("--top-k", type=int, default=3, help="labels to list per text, most likely first (default 3)")
+    pr.add_argument("--out", help="write a CSV (text, label, probability, top<i>_label, top<i>_probability) "
+                    "instead of printing")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--device", default="auto", help="auto (a GPU when there is one) | cpu | cuda | cuda:N")
+    pr.set_defaults(func=cmd_predict)
+
     s = sub.add_parser("tune", help="run a study: Ray Tune + Optuna + ASHA over a YAML search space")
     s.add_argument("space", help="study YAML (see search_spaces/)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -306,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("dir", help="a study or ablation folder (STORAGE/NAME)")
     y.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
     y.set_defaults(func=cmd_sync)
+
+    st = sub.add_parser("status", help="the trials table and progress of a running or finished study or ablation "
+                        "(from its progress.json; instant, no Ray)")
+    st.add_argument("dir", help="a study or ablation folder (STORAGE/NAME)")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until it ends (Ctrl-C stops)")
+    st.set_defaults(func=cmd_status)
 
     v = sub.add_parser("validate", help="check a study or trial config and print its budget (no Ray, no torch)")
     v.add_argument("file")

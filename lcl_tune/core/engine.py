@@ -27,7 +27,7 @@ from lcl_tune.schema.trial import ConfigError, TrialConfig
 from lcl_tune.core.data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
 from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 from lcl_tune.core.metrics import classification_metrics
-from lcl_tune.core.model import build_classifier, is_builtin, load_tokenizer, tokenizer_source
+from lcl_tune.core.model import EncoderClassifier, build_classifier, is_builtin, load_tokenizer, tokenizer_source
 from lcl_tune.core.rng import RngStreams
 from lcl_tune.core.weighting import WeightingNetwork, build_weighting
 from lcl_tune.util import atomic_write
@@ -67,12 +67,14 @@ def prepare_trial_data(cfg: TrialConfig, *, progress: bool = True) -> tuple[Prep
 
 
 def _param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float, tag: str) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    """AdamW groups: no weight decay on biases and LayerNorm weights (the usual BERT recipe); the
+    task heads of the classifiers in ``model`` (the layers outside their encoders) at ``head_lr``."""
+    heads = {id(p) for m in model.modules() if isinstance(m, EncoderClassifier) for p in m.head_parameters()}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = name.startswith("head.") or ".head." in name
+        is_head = id(p) in heads
         no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name
         groups.setdefault((is_head, no_decay), []).append(p)
     return [{"params": ps, "lr": head_lr if is_head else lr, "weight_decay": 0.0 if nd else weight_decay,
@@ -116,7 +118,7 @@ class Trainer:
         self.rng = RngStreams(cfg.seed, self.device)
         with self.rng.use("init"):
             self.model = _classifier(cfg.model.name, cfg.model.tokenizer, c, cfg.model.random_init,
-                                     cfg.model.dropout).to(self.device)
+                                     cfg.model.dropout, data.label_names, cfg.model.head_init).to(self.device)
         self.weighting: WeightingNetwork | None = None
         if cfg.uses_weighting:
             own = cfg.weighting.model  # None: a second copy of the main encoder
@@ -124,7 +126,8 @@ class Trainer:
                 self.weighting = build_weighting(
                     cfg.weighting, c, len(data.train),
                     lambda: _classifier(own or cfg.model.name, None if own else cfg.model.tokenizer, c,
-                                        cfg.model.random_init and not own, cfg.model.dropout),
+                                        cfg.model.random_init and not own, cfg.model.dropout, data.label_names,
+                                        cfg.model.head_init),
                 ).to(self.device)
 
         o = cfg.optim
@@ -247,10 +250,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, split: str = "dev") -> dict[str, Any]:
-        """CE loss, accuracy, macro-/weighted-F1, per-class F1 and confusion matrix on ``split``.
+    def predict(self, split: str = "dev") -> torch.Tensor:
+        """The model's logits [n, C] (fp32, on the CPU) for every row of ``split``, in row order.
 
-        Rows are batched in length order (less padding); the order does not change any metric.
+        Rows are batched in length order (less padding); the order changes no row's prediction.
         """
         data = getattr(self.data, split)
         if data is None:
@@ -258,17 +261,21 @@ class Trainer:
         self.model.eval()
         order = np.argsort(data.lengths, kind="stable")
         bs = self.cfg.train.eval_batch_size
-        preds = np.empty(len(data), dtype=np.int64)
-        loss_sum = 0.0
+        out = torch.empty(len(data), self.data.num_labels)
         for start in range(0, len(order), bs):
             rows = order[start:start + bs]
             batch = self._batch(data, rows, None)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 logits, _ = self.model(batch["input_ids"], batch["attention_mask"])
-            loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
-            preds[rows] = logits.argmax(-1).cpu().numpy()
-        out = classification_metrics(data.labels, preds, self.data.label_names)
-        out["loss"] = loss_sum / max(len(data), 1)
+            out[torch.from_numpy(rows)] = logits.float().cpu()
+        return out
+
+    def evaluate(self, split: str = "dev") -> dict[str, Any]:
+        """CE loss, accuracy, macro-/weighted-F1, per-class F1 and confusion matrix on ``split``."""
+        logits = self.predict(split)
+        labels = getattr(self.data, split).labels
+        out = classification_metrics(labels, logits.argmax(-1).numpy(), self.data.label_names)
+        out["loss"] = float(F.cross_entropy(logits, torch.tensor(labels), reduction="sum")) / max(len(labels), 1)
         return out
 
     # ------------------------------------------------------------------ reports
@@ -425,10 +432,12 @@ def restore_first_good(trainer: Trainer, candidates: list[Path]) -> Path | None:
     return None
 
 
-def _classifier(name: str, tokenizer: str | None, num_labels: int, random_init: bool, dropout: float) -> nn.Module:
+def _classifier(name: str, tokenizer: str | None, num_labels: int, random_init: bool, dropout: float,
+                label_names: list[str], head_init: str) -> EncoderClassifier:
     """Build a classifier; built-in random architectures take their tokenizer's vocabulary size."""
     vocab = len(load_tokenizer(name, tokenizer)) if is_builtin(name) else None
-    return build_classifier(name, num_labels, random_init=random_init, dropout=dropout, vocab_size=vocab)
+    return build_classifier(name, num_labels, random_init=random_init, dropout=dropout, vocab_size=vocab,
+                            label_names=label_names, head_init=head_init)
 
 
 def _fmt_seconds(s: float) -> str:

@@ -74,8 +74,11 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to `name` (or to the packaged MiniLM tokenizer for tiny/bert-base)
     max_length: int = 128
     dropout: float = 0.1  # dropout before the classification head
+    head_init: str = "identity"  # identity: the head's hidden->hidden layer (BERT's pooler) starts as the identity; pretrained: as loaded
     random_init: bool = False  # build `name`'s architecture with random weights (no pretrained weights)
 
+
+HEAD_INITS = ("identity", "pretrained")
 
 DATA_ENV = "LCL_TUNE_DATA"
 """Environment variable naming a folder of local dataset copies (``lcl-tune --data-root DIR`` sets it)."""
@@ -439,6 +442,7 @@ def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
            "use e.g. 128")
     check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must lie in [0, 1), got {cfg.model.dropout}",
            "use e.g. 0.1")
+    one_of("model.head_init", cfg.model.head_init, HEAD_INITS)
     for key, v in (("optim.lr", cfg.optim.lr), ("optim.weighting_lr", cfg.optim.weighting_lr),
                    ("optim.head_lr", cfg.optim.head_lr)):
         check(v is None or v > 0, key, f"must be > 0, got {v}", "use e.g. 2e-5")

@@ -1,35 +1,65 @@
 """Final training of an exported config: ``lcl-tune train best.yaml --final [--seeds ...]``.
 
-For each seed: train the exact config, evaluate the test split once, save the fine-tuned encoder
-and tokenizer with ``save_pretrained`` (plus the classification head, the config and the label
-names), and log a final MLflow run that points back at the run the config was exported from.
+For each seed: train the exact config, evaluate the test split once, save the fine-tuned model as a
+transformers folder (``seed<k>/model``: loads with ``AutoModelForSequenceClassification`` and
+``pipeline``), write the test split's predictions, and log a final MLflow run that points back at
+the run the config was exported from.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lcl_tune.schema.trial import TrialConfig
-from lcl_tune.util import log, write_json
+from lcl_tune.util import atomic_write, log, write_json
+
+
+MODEL_DIR = "model"
+PREDICTIONS_FILE = "test_predictions.csv"
+TRIAL_CONFIG = "lcl_tune.yaml"
 
 
 def save_model(trainer: Any, folder: Path) -> Path:
-    """``folder/encoder`` (save_pretrained), ``folder/tokenizer``, ``head.pt`` (state dict),
-    ``labels.json``, ``config.yaml``: everything needed to classify with the model again."""
+    """A transformers model folder: ``config.json`` (with ``id2label``/``label2id``), the weights and
+    the tokenizer side by side, so ``AutoModelForSequenceClassification.from_pretrained(folder)``,
+    ``pipeline("text-classification", model=folder)`` and ``lcl-tune predict folder`` all load it;
+    plus ``lcl_tune.yaml``, the trial config it was trained with. The tokenizer's ``model_max_length``
+    is the training's ``model.max_length``, so ``truncation=True`` cuts texts where training did."""
     from lcl_tune.core.model import load_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    trainer.model.encoder.save_pretrained(folder / "encoder")
-    load_tokenizer(trainer.cfg.model.name, trainer.cfg.model.tokenizer).save_pretrained(folder / "tokenizer")
-    torch.save(trainer.model.head.state_dict(), folder / "head.pt")
-    (folder / "labels.json").write_text(json.dumps(trainer.data.label_names))
-    (folder / "config.yaml").write_text(trainer.cfg.to_yaml())
+    trainer.model.hf.save_pretrained(folder)
+    tokenizer = load_tokenizer(trainer.cfg.model.name, trainer.cfg.model.tokenizer)
+    tokenizer.model_max_length = trainer.cfg.model.max_length
+    tokenizer.save_pretrained(folder)
+    (folder / TRIAL_CONFIG).write_text(trainer.cfg.to_yaml())
     return folder
+
+
+def write_test_predictions(trainer: Any, path: Path) -> Path | None:
+    """Each test row's text, gold label, predicted label and its probability, from the project's
+    own evaluation: what the saved model must reproduce, and the rows to read for error analysis."""
+    import pandas as pd
+
+    from lcl_tune.core.data import load_raw
+
+    test = load_raw(trainer.cfg.data).test
+    if test is None or trainer.data.test is None:
+        return None
+    if not np.array_equal(test.labels, trainer.data.test.labels):  # the rows the trainer evaluated, in order
+        raise RuntimeError(f"the test split read again differs from the one trained with ({trainer.data.source})")
+    probs = torch.softmax(trainer.predict("test"), dim=-1)
+    best = probs.max(dim=-1)
+    names = trainer.data.label_names
+    table = pd.DataFrame({"text": test.texts, "label": [names[i] for i in test.labels],
+                          "predicted": [names[i] for i in best.indices.tolist()],
+                          "probability": best.values.numpy()})
+    return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
@@ -48,8 +78,9 @@ def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
         log.info(f"final training, seed {seed} -> {folder}")
         trainer = Trainer(run_cfg, data=data, w_data=w_data)
         summary = trainer.fit()
-        save_model(trainer, folder / "model")
-        summary["model_dir"] = str(folder / "model")
+        save_model(trainer, folder / MODEL_DIR)
+        write_test_predictions(trainer, folder / PREDICTIONS_FILE)
+        summary["model_dir"] = str(folder / MODEL_DIR)
         summary["mlflow"] = log_final_run(run_cfg, summary, folder, provenance)
         write_json(folder / "metrics.json", summary)
         summaries.append(summary)

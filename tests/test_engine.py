@@ -58,13 +58,16 @@ def test_a_registered_weighting_network_is_validated_built_and_trained(tiny_cfg,
 
 
 def test_training_lowers_the_training_loss(tiny_cfg):
-    """64 real rows seen for many epochs: the mean loss of the last steps is well below the first
-    (BERT's own head, pooler + tanh + linear, needs ~120 steps of a tiny model for that)."""
-    trainer = Trainer(tiny_cfg(data__max_train_samples=64, train__max_steps=120, optim__lr=3e-3), progress=False)
+    """64 real rows seen for 20 epochs: the model fits them. Cross-entropy falls well below its
+    start; the total falls less, because LCL's prefactor (the weighting's probability of the
+    anchor's own class, here the model's own softmax) grows as the model grows confident."""
+    trainer = Trainer(tiny_cfg(data__max_train_samples=64, train__max_steps=80, optim__lr=3e-3), progress=False)
     rows = [np.arange(i * 16, (i + 1) * 16) for i in range(4)]
-    losses = [trainer.train_step(rows[s % 4])["loss"] for s in range(120)]
-    first, last = np.mean(losses[:4]), np.mean(losses[-4:])
-    assert last < 0.7 * first, (first, last)
+    parts = [trainer.train_step(rows[s % 4]) for s in range(80)]
+    ce = [p["ce"] for p in parts]
+    total = [p["loss"] for p in parts]
+    assert np.mean(ce[-4:]) < 0.5 * np.mean(ce[:4]), (ce[:4], ce[-4:])
+    assert np.mean(total[-4:]) < 0.85 * np.mean(total[:4]), (total[:4], total[-4:])
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

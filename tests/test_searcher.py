@@ -102,6 +102,23 @@ def test_a_restored_searcher_continues_the_same_study(tmp_path):
     assert pickle.loads(pickle.dumps(again)).numbers == {"a": 0, "b": 1}  # picklable, study reopened lazily
 
 
+def test_a_trial_told_after_ray_last_saved_the_searcher_is_not_told_again(tmp_path):
+    """The driver told Optuna a trial ended, then was killed before Ray saved the searcher: after
+    the resume Ray ends that trial again (stopped, or failed on stopping), and the journal's
+    finished trial must not make the study crash (UpdateFinishedTrialError, seen in a SIGKILL test)."""
+    journal = tmp_path / "optuna.journal"
+    first = StudySearcher(make_study(tmp_path), journal)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save
+    first.on_trial_complete("a", report(first, "a", 2, finished=True))  # told; then the driver dies
+
+    again = StudySearcher(make_study(tmp_path), journal)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.on_trial_complete("a", report(again, "a", 3), error=True)  # raised UpdateFinishedTrialError
+    [trial] = journal_trials(journal)
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["periods"] == 2 and "a" in again.told
+
+
 def test_an_optuna_trial_of_a_ray_trial_lost_in_a_kill_is_taken_over(tmp_path):
     """The driver asked Optuna for trial "b" after Ray last saved its state, then was killed: Ray
     never knew "b" and starts a new trial instead; it must get "b"'s Optuna trial, not a new one."""

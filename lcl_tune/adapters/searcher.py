@@ -238,16 +238,16 @@ class StudySearcher(Searcher):
         status = trial_status(result, error, self.study)
         value = result.get(self.study.tune_metric)
         trial = self._trial(trial_id)
-        trial.set_user_attr("status", status)
-        trial.set_user_attr("periods", int(result.get("training_iteration", 0)))
-        try:
+        try:  # a trial told before the driver was killed (after Ray last saved this searcher) is finished
+            trial.set_user_attr("status", status)
+            trial.set_user_attr("periods", int(result.get("training_iteration", 0)))
             if status == STATUS_ERRORED or value is None:
                 self.ostudy.tell(trial, state=TrialState.FAIL)
             elif status == STATUS_STOPPED:  # Optuna takes the last intermediate value as its value
                 self.ostudy.tell(trial, state=TrialState.PRUNED)
             else:
                 self.ostudy.tell(trial, float(value))
-        except (RuntimeError, ValueError) as e:  # told before the driver was killed
+        except (RuntimeError, ValueError) as e:  # UpdateFinishedTrialError is a RuntimeError
             log.debug("trial %s not told again: %s", trial_id, e)
         self.told.add(trial_id)
 

@@ -10,7 +10,8 @@
 #                     into .venv and tests them. To move torch: make lock TORCH=X.Y.Z (a version
 #                     with a CPU wheel on this machine, else pip pulls a multi-GB CUDA build)
 #   make test-fresh   the fast tests in .venv-fresh: the ranges resolved afresh, without the lock
-#   make test-lowest  the fast tests in .venv-lowest: every dependency at its lower bound
+#   make test-lowest  the fast tests in .venv-lowest: every dependency at its lower bound, torch at
+#                     the lock's (TORCH=2.6.0 for torch's bound: PyPI's 5 GB CUDA build, runs on CPU)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

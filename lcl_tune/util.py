@@ -35,7 +35,9 @@ def redact(text: str) -> str:
     return _SECRET_QUERY.sub(lambda m: m.group("key") + "***", text)
 
 
-class _Redact(logging.Filter):
+class RedactFilter(logging.Filter):
+    """:func:`redact` on every record a logger or handler passes on."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = redact(message)
@@ -44,7 +46,7 @@ class _Redact(logging.Filter):
         return True
 
 
-log.addFilter(_Redact())
+log.addFilter(RedactFilter())
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any]) -> Path:

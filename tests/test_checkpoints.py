@@ -110,6 +110,26 @@ def test_a_checkpoint_of_another_model_shape_is_a_one_line_error(tiny_cfg, tmp_p
     assert all(torch.equal(before[k], v) for k, v in fresh.model.state_dict().items())  # nothing half-loaded
 
 
+def test_a_checkpoint_of_lcl_tune_0_1_is_a_one_line_error(tiny_cfg, tmp_path):
+    """0.1 saved ``encoder.*`` + a raw-[CLS] ``head.*``; 0.2's model is ``hf.*`` (the architecture's own
+    sequence classifier): a study started with 0.1 does not resume, and says so in one line."""
+    trainer = Trainer(tiny_cfg(), progress=False)
+    trainer.save(tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    old = {}
+    for k, v in state["model"].items():
+        if k.startswith("hf.bert."):
+            old["encoder." + k[len("hf.bert."):]] = v
+    old["head.weight"], old["head.bias"] = state["model"]["hf.classifier.weight"], state["model"]["hf.classifier.bias"]
+    state["model"] = old
+    torch.save(state, tmp_path / "v01.pt")
+    with pytest.raises(ConfigError) as e:
+        Trainer(tiny_cfg(), progress=False).restore(tmp_path / "v01.pt")
+    msg = str(e.value)
+    assert "\n" not in msg and "v01.pt was written by another model shape (" in msg
+    assert f"{len(trainer.model.state_dict())} of this trial's tensors are missing, e.g. hf." in msg  # all of them
+
+
 def test_studies_keep_at_least_two_checkpoints(tmp_path):
     from lcl_tune.schema.study import load_study
 

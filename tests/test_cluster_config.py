@@ -14,6 +14,8 @@ import yaml
 from lcl_tune.cli.cluster_check import COMMAND_LISTS, main, parse_installs, validate_cluster_config
 
 REPO = Path(__file__).resolve().parents[1]
+# The pins come from pyproject.toml and its lock; Python 3.10 has no tomllib to read them (the check says so).
+needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="reading pyproject.toml needs tomllib (3.11)")
 CLUSTER = REPO / "cluster.yaml"
 PYPROJECT = REPO / "pyproject.toml"
 TEXT = CLUSTER.read_text()
@@ -179,6 +181,7 @@ def test_wheel_of_another_version(tmp_path):
     only(problems, "setup_commands[3]:", "no file_mounts entry puts it there")
 
 
+@needs_tomllib
 def test_ray_must_be_pinned_to_the_locked_version(tmp_path):
     path = broken_text(tmp_path, '"ray[default,tune]==2.60.0"', '"ray[default,tune]==2.59.0"')
     only(check(path), "setup_commands[3]:", "installs ray 2.59.0, not 2.60.0", "requirements/lock.txt")
@@ -186,6 +189,20 @@ def test_ray_must_be_pinned_to_the_locked_version(tmp_path):
     only(check(path), "setup_commands[3]:", "installs ray without pinning")
 
 
+@needs_tomllib
+def test_a_project_without_its_lock_says_ray_is_not_compared(tmp_path, caplog):
+    """A wheel install or a copied pyproject.toml has ranges only: the check says what it cannot hold the nodes to."""
+    from lcl_tune.cli.cluster_check import project_pins
+
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT.read_text())
+    pins = project_pins(tmp_path / "pyproject.toml")
+    assert "ray" not in pins.pins and pins.version
+    assert "pins no ray version (no requirements/lock.txt beside pyproject.toml)" in caplog.text
+    caplog.clear()
+    assert project_pins(PYPROJECT).pins["ray"] and "pins no ray" not in caplog.text
+
+
+@needs_tomllib
 def test_torch_pin_must_match_the_lock(tmp_path):
     path = broken_text(tmp_path, '"torch==2.13.0"', '"torch==2.12.0"')
     only(check(path), "setup_commands[3]:", "installs torch 2.12.0", "torch==2.13.0")
@@ -311,6 +328,7 @@ def test_gcp_variant_in_docs_is_valid(tmp_path):
     assert tree["provider"]["type"] == "gcp" and "gs://" in " ".join(tree["head_setup_commands"])
 
 
+@needs_tomllib
 def test_kuberay_manifests_in_docs():
     """RayCluster / RayJob (ray.io/v1): Ray and lcl-tune versions as pinned, GPU limits, URIs."""
     from lcl_tune.cli.cluster_check import project_pins

@@ -1,6 +1,6 @@
 """The package's layers: imports run one way, and the schema stays light.
 
-Two checks: every import statement in the package (module level and inside functions, found by
+Three checks: every module of the package imports in this environment; every import statement in the package (module level and inside functions, found by
 parsing the source) respects the layer order; and validating every shipped YAML through the schema
 package, in a fresh interpreter, loads none of torch, Ray, MLflow or Optuna.
 """
@@ -127,3 +127,23 @@ def test_the_schema_validates_every_shipped_yaml_without_heavy_imports():
     shipped = len(list((REPO / "configs").glob("*.yaml"))) + len(list((REPO / "search_spaces").glob("*.yaml")))
     assert len(result["checked"]) == shipped >= 8
     assert result["heavy"] == [], f"validation imported {result['heavy']}"
+
+
+def test_every_module_of_the_package_imports():
+    """Every lcl_tune module, so every dependency and submodule they import, loads in this environment.
+    Test files skip (``importorskip``) when Ray, Optuna or MLflow cannot be imported; in a dependency
+    set where one breaks at import (mlflow 3.5-3.8 under SQLAlchemy 2.1 did), this fails instead."""
+    import importlib
+    import pkgutil
+
+    import lcl_tune
+
+    failed = []
+    for info in pkgutil.walk_packages(lcl_tune.__path__, "lcl_tune."):
+        if info.name.endswith(".__main__"):  # runs the command line when imported
+            continue
+        try:
+            importlib.import_module(info.name)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, with its module
+            failed.append(f"{info.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    assert not failed, "modules that do not import here:\n" + "\n".join(failed)

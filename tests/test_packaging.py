@@ -60,14 +60,10 @@ def declared(*extras: str) -> dict[str, Requirement]:
 
 @cache
 def locked() -> dict[str, Version]:
-    pins = {}
-    for line in LOCK.read_text("utf-8").splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            assert sep and version, f"{LOCK.name}: not a name==version line: {line!r}"
-            pins[canonicalize_name(name)] = Version(version)
-    return pins
+    """The lock as the cluster check reads it (its format: test_lock_lines_are_plain_pins)."""
+    from lcl_tune.cli.cluster_check import read_lock
+
+    return {name: Version(version) for name, version in read_lock(LOCK).items()}
 
 
 def imported_modules(folder: Path) -> dict[str, set[str]]:
@@ -179,6 +175,7 @@ def test_every_direct_dependency_is_at_its_lower_bound():
 
 def test_lock_lines_are_plain_pins():
     body = [line for line in LOCK.read_text("utf-8").splitlines() if line and not line.startswith("#")]
-    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][^\s;]*", line) for line in body), \
-        [line for line in body if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][^\s;]*", line)]
+    pin = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][^\s;]*")
+    assert not [line for line in body if not pin.fullmatch(line)], "not a name==version line"
+    assert len(locked()) == len(body), "a package pinned twice"
     assert not [line for line in body if "+" in line], "no local labels (+cpu): PyPI's builds must match too"

@@ -242,11 +242,8 @@ def fake_study():
 
 
 @pytest.fixture()
-def info_logging():
-    level = log.level
-    log.setLevel(logging.INFO)
-    yield
-    log.setLevel(level)
+def info_logging(caplog):
+    caplog.set_level(logging.INFO, logger=log.name)
 
 
 def drive(callback, tmp_path: Path) -> tuple[FakeTrial, FakeTrial, FakeTrial]:
@@ -428,6 +425,32 @@ def test_status_of_a_finished_and_of_an_interrupted_study(tmp_path, capsys):
     folder = write_snapshot(tmp_path / "cut", ended=ended, outcome="interrupted")
     _, out = status(capsys, folder)
     assert out.splitlines()[0].endswith("interrupted (ended 2h00m ago; resume it with the same command and --resume)")
+
+
+def test_status_watch_reports_until_the_study_ends(tmp_path):
+    """``--watch``: a report every period while the study runs (appended when not a terminal), the
+    last one once its driver marks it ended."""
+    import threading
+
+    folder = write_snapshot(tmp_path / "w", updated=time.time())
+    out = io.StringIO()
+    watcher = threading.Thread(target=P.watch_status, args=(folder, out, 0.05))
+    watcher.start()
+    time.sleep(0.3)
+    write_snapshot(folder, updated=time.time(), ended=time.time(), outcome="finished")
+    watcher.join(timeout=10)
+    assert not watcher.is_alive()
+    reports = [line for line in out.getvalue().splitlines() if line.startswith(f"{folder}: ")]
+    assert len(reports) >= 3 and reports[0].startswith(f"{folder}: running")
+    assert reports[-1].startswith(f"{folder}: finished") and not any("finished" in r for r in reports[:-1])
+
+
+def test_status_of_an_ablation_lists_the_tuning_study_of_each_arm(tmp_path, capsys):
+    folder = write_snapshot(tmp_path / "abl", kind="ablation", name="abl", columns=["arm", "seed"])
+    write_snapshot(folder / "tune" / "lcl", name="abl-tune-lcl", ended=time.time() - 60, outcome="finished")
+    _, out = status(capsys, folder)
+    tuning = [line for line in out.splitlines() if line.startswith("  tuning: ")]
+    assert len(tuning) == 1 and "study 'abl-tune-lcl': 3/6 done" in tuning[0] and tuning[0].endswith("[finished (ended 1m00s ago)]")
 
 
 def test_status_of_a_study_an_earlier_version_made(tmp_path, capsys):

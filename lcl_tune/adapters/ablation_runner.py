@@ -33,17 +33,15 @@ from typing import Any
 import yaml
 
 from lcl_tune.adapters import tracking as T
-from lcl_tune.schema.ablation import Ablation, cell_name, cell_of
+from lcl_tune.schema.ablation import CELL_DIR, FINAL_DIR, Ablation, cell_name, cell_of, dev_cell_dir, load_cells
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
-                     check_tracking_reach, run_study, study_place, sync_up, trial_error_text, tune,
-                     wait_for_spools, TRIAL_LOGS)
-from lcl_tune.adapters.progress import cells_progress, parallel_slots, ray_status_reporter, showing_progress
+                     check_tracking_reach, run_study, study_place, sync_up, tune, wait_for_spools)
+from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter,
+                                        showing_progress, trial_error_text)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log, redact, write_json
 
-CELL_DIR = "cells"
-FINAL_DIR = "final"  # --final: each arm's selected configuration, trained again, evaluated on test once
 
 
 def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, address: str | None = None,
@@ -148,13 +146,14 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     from lcl_tune.core.engine import prepare_trial_data
 
     _init_ray(address)
-    check_resources(ab, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    check_resources(ab, cluster)
     check_tracking_reach(next(iter(arm_targets.values())).uri)
-    configs = [ab.trial_config({"cell": c}) for c in cells]
+    configs = {c: ab.trial_config({"cell": c}) for c in cells}
     data = w_data = None
-    if len({_data_identity(c) for c in configs}) == 1:  # every arm tokenises the same: do it once
-        needs_w = [c for c in configs if c.uses_weighting_encoder]
-        data, w_data = prepare_trial_data(needs_w[0] if needs_w else configs[0])
+    if len({_data_identity(c) for c in configs.values()}) == 1:  # every arm tokenises the same: do it once
+        needs_w = [c for c in configs.values() if c.uses_weighting_encoder]
+        data, w_data = prepare_trial_data(needs_w[0] if needs_w else next(iter(configs.values())))
     trainable = tune.with_resources(
         tune.with_parameters(lcl_trainable, study=ab, data=data, w_data=w_data, tracking=arm_targets),
         {"cpu": ab.cpu, "gpu": ab.gpu})
@@ -179,8 +178,9 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     name = f"{cell_dir}-{len(experiments) + 1}"
     (place.folder / "ray").mkdir(parents=True, exist_ok=True)
     write_json(place.folder / "ray" / f"{name}.json", new)  # which cells this experiment holds, before it runs
-    slots = parallel_slots(None, ray.cluster_resources(), ab.cpu, ab.gpu)
-    progress = cells_progress(ab, place.folder, new, cell_dir, slots, len(data.train) if data is not None else None)
+    n_train = len(data.train) if data is not None else None
+    progress = cells_progress(ab, place.folder, {c: configs[c].periods(n_train) for c in new}, cell_dir,
+                              parallel_slots(None, cluster, ab.cpu, ab.gpu))
     tuner = tune.Tuner(
         trainable,
         param_space={"cell": tune.grid_search(new)},
@@ -234,17 +234,6 @@ class CellRecorder(tune.Callback):
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)
         T.close_trial(self.arm_targets[arm], trial.trial_id, status, cost=cost, error=error,
                       step=int(result.get("step", 0)), details=result_details(result))
-
-
-def dev_cell_dir(folder: Path) -> str:
-    """Where the dev-phase cells of ``folder`` are: ``cells/``, or ``final/`` for a fixed-point
-    ablation run with ``--final`` only (its cells trained once, in the final phase)."""
-    return CELL_DIR if any((folder / CELL_DIR).glob("*.json")) or not (folder / FINAL_DIR).is_dir() else FINAL_DIR
-
-
-def load_cells(folder: Path, cell_dir: str | None = None) -> list[dict[str, Any]]:
-    cell_dir = cell_dir or dev_cell_dir(folder)
-    return [json.loads(p.read_text()) for p in sorted((folder / cell_dir).glob("*.json"))]
 
 
 def cells_table(folder: Path, cell_dir: str | None = None):

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -33,7 +34,7 @@ from typing import Any, Callable, Iterator
 from ray import tune
 
 from lcl_tune.analysis import progress as P
-from lcl_tune.util import log, redact, write_json
+from lcl_tune.util import RedactFilter, log, redact, write_json
 
 WRITE_EVERY_S = 2.0  # period reports rewrite progress.json at most this often
 RAY_STATUS_EVERY_S = 30  # Ray's status block in ray_status.log
@@ -67,7 +68,7 @@ def ray_logs_to(path: str | os.PathLike) -> Iterator[None]:
     ray_log = logging.getLogger("ray")
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_redacted)
+    handler.addFilter(RedactFilter())  # Ray names storage URIs in its messages: no credentials in the file
     saved = ray_log.handlers[:], ray_log.propagate, ray_log.level
     ray_log.handlers[:] = [handler]
     ray_log.propagate = False
@@ -78,12 +79,6 @@ def ray_logs_to(path: str | os.PathLike) -> Iterator[None]:
         ray_log.handlers[:], ray_log.propagate = saved[0], saved[1]
         ray_log.setLevel(saved[2])
         handler.close()
-
-
-def _redacted(record: logging.LogRecord) -> bool:
-    """Ray names storage URIs in its messages: no credentials in the file."""
-    record.msg, record.args = redact(record.getMessage()), None
-    return True
 
 
 _ACTIVE: list["ProgressCallback"] = []  # set up by Tune (a restored experiment brings its own instance)
@@ -245,8 +240,8 @@ class ProgressCallback(tune.Callback):
         if force or now - self._written >= wait:
             self.snap["updated"] = now
             self.snap["summary"] = P.summary(self.snap, now)
-            _warn_on_error(lambda: write_json(self.folder / P.SNAPSHOT, self.snap, indent=1),
-                           f"writing {self.folder / P.SNAPSHOT}")
+            warn_on_error(lambda: write_json(self.folder / P.SNAPSHOT, self.snap, indent=1),
+                          f"writing {self.folder / P.SNAPSHOT}", errors=(OSError,))  # a full disk: a convenience lost
             self._written = now
         if self.live is not None and (force or self.live.due()):
             width, height = P.terminal_size()
@@ -298,28 +293,48 @@ def _number(value: Any, default: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
-def _warn_on_error(fn: Callable[[], Any], what: str) -> None:
+TRIAL_LOGS = ("stdout.log", "stderr.log")  # Ray's log_to_file: each trial's own output, in its folder
+
+
+def strip_ansi(text: str) -> str:
+    """Ray colours its tracebacks for terminals; files and MLflow tags get plain text."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def trial_log_tail(path: str | os.PathLike, lines: int = 5) -> str:
+    """The last ``lines`` lines a trial wrote to stderr (its folder's ``stderr.log``), or ''."""
+    log_file = Path(path) / TRIAL_LOGS[1]
+    if not log_file.is_file():
+        return ""
+    return "\n".join(strip_ansi(log_file.read_text(errors="replace")).rstrip().splitlines()[-lines:])
+
+
+def trial_error_text(trial: Any) -> str:
+    """A failed trial's traceback as plain text (Ray's error file, else the exception)."""
+    file = Path(trial.error_file) if trial.error_file else None
+    text = file.read_text(errors="replace") if file is not None and file.is_file() else str(trial.get_error())
+    return strip_ansi(text)
+
+
+def warn_on_error(fn: Callable[[], Any], what: str, errors: tuple[type[BaseException], ...] = (Exception,)) -> None:
+    """Run ``fn``; ``errors`` are logged as a warning: what the driver does on the side (closing a
+    run, writing the snapshot) must not end the study."""
     try:
         fn()
-    except OSError as e:  # a full disk must not end the study: the snapshot is a convenience
+    except errors as e:
         log.warning(f"{what} failed: {e}")
 
 
 def _last_error_line(trial: Any) -> str:
-    from lcl_tune.adapters.study_runner import trial_error_text  # the runner imports this module
-
     try:
-        lines = [x for x in trial_error_text(trial).strip().splitlines() if x.strip()]
+        return P.last_error_line(trial_error_text(trial), 300)
     except Exception as e:  # noqa: BLE001 - an unreadable error file must not end the study
         return f"(error text unreadable: {e})"
-    return lines[-1].strip()[:300] if lines else ""
 
 
 def _stderr_tail(trial: Any) -> tuple[str, str]:
     """The trial's ``stderr.log`` (where it is now: synced to the trial folder, or still in the
     worker's folder on this machine) and its last lines."""
-    from lcl_tune.adapters.study_runner import TRIAL_LOGS, trial_log_tail
-
     places = [trial.path, trial.local_path]
     try:
         places.append(trial.storage.trial_working_directory)
@@ -384,11 +399,10 @@ def study_progress(study: Any, folder: Path, slots: int) -> ProgressCallback:
                             functools.partial(_constant, value=max_t))
 
 
-def cells_progress(ab: Any, folder: Path, cells: list[str], phase: str, slots: int,
-                   n_train: int | None = None) -> ProgressCallback:
-    """The progress of an ablation's cells (``phase``: the folder they are written to)."""
+def cells_progress(ab: Any, folder: Path, periods: dict[str, int | None], phase: str, slots: int) -> ProgressCallback:
+    """The progress of an ablation's cells (``periods``: each cell's evaluation periods; ``phase``:
+    the folder they are written to)."""
     header = {"kind": "ablation", "name": ab.name, "phase": phase, "metric": ab.metric,
-              "best_key": ab.tune_metric, "mode": ab.mode, "columns": ["arm", "seed"], "total": len(cells),
+              "best_key": ab.tune_metric, "mode": ab.mode, "columns": ["arm", "seed"], "total": len(periods),
               "slots": slots}
-    periods = {c: ab.trial_config({"cell": c}).periods(n_train) for c in cells}
     return ProgressCallback(folder, header, _cell, _cell_status, functools.partial(_cell_periods, periods=periods))

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lcl_tune.analysis import progress as P
 from lcl_tune.schema.study import Param, Study
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.util import did_you_mean, log
@@ -45,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
                       "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 RAY_TRIAL_ATTR = "ray_trial_id"
-STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = "completed", "stopped early", "errored"
+STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = P.COMPLETED, P.STOPPED, P.ERRORED  # the project's words
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
                       "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 from lcl_tune.adapters import tracking as T
-from lcl_tune.adapters.progress import parallel_slots, ray_status_reporter, showing_progress, study_progress
+from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, showing_progress, strip_ansi,
+                                        study_progress, trial_error_text, trial_log_tail, warn_on_error)
+from lcl_tune.analysis.progress import last_error_line
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
                                         check_sampler_options, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
@@ -140,7 +142,8 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     t_prepare = time.time() - t_prepare
     derive_schedule(study, data)  # ASHA's max_t against the periods a trial has, before Ray starts
     _init_ray(address)
-    check_resources(study, ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    check_resources(study, cluster)
     check_tracking_reach(target.uri)
     warn_gpu_memory(study)
     trainable = tune.with_resources(
@@ -151,7 +154,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         log.info(f"resuming study {study.name!r} from {ray_dir}")
         tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        slots = parallel_slots(study.max_concurrent, ray.cluster_resources(), study.cpu, study.gpu)
+        slots = parallel_slots(study.max_concurrent, cluster, study.cpu, study.gpu)
         run_config = _run_config(study, place.ray_storage, verbose,
                                  [TrialOutcomes(target, study), study_progress(study, folder, slots)], folder)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal"), run_config=run_config)
@@ -286,17 +289,6 @@ def _tune_config(study: Study, journal: Path) -> "tune.TuneConfig":
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
 
 
-TRIAL_LOGS = ("stdout.log", "stderr.log")
-
-
-def trial_log_tail(path: str | os.PathLike, lines: int = 5) -> str:
-    """The last ``lines`` lines a trial wrote to stderr (its folder's ``stderr.log``), or ''."""
-    log_file = Path(path) / TRIAL_LOGS[1]
-    if not log_file.is_file():
-        return ""
-    return "\n".join(_strip_ansi(log_file.read_text(errors="replace")).rstrip().splitlines()[-lines:])
-
-
 def _run_config(study: Study, storage: str, verbose: int, callbacks: list, folder: Path) -> "tune.RunConfig":
     """The terminal shows the progress callback's table; Ray's own status goes to ray_status.log."""
     # conditional parameters are absent from some trials' configs, which Ray's reporter cannot show
@@ -333,23 +325,9 @@ class TrialOutcomes(tune.Callback):
 
     def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
-        _warn_on_error(functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
-                                         step=int(result.get("step", 0)), details=result_details(result)),
-                       f"closing the MLflow run of trial {trial.trial_id}")  # journalled: returns at once
-
-
-def _warn_on_error(fn: Any, what: str) -> None:
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001 - a tracking hiccup must not end the study
-        log.warning(f"{what} failed: {e}")
-
-
-def trial_error_text(trial: Any) -> str:
-    """A failed trial's traceback as plain text (Ray's error file, else the exception)."""
-    file = Path(trial.error_file) if trial.error_file else None
-    text = file.read_text(errors="replace") if file is not None and file.is_file() else str(trial.get_error())
-    return _strip_ansi(text)
+        warn_on_error(functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
+                                        step=int(result.get("step", 0)), details=result_details(result)),
+                      f"closing the MLflow run of trial {trial.trial_id}")  # journalled: returns at once
 
 
 SPOOL_DRAIN_S = 60.0  # how long the end of a study waits for the tracking spools to be sent
@@ -473,14 +451,7 @@ def _error_text(result: Any) -> str:
     else the exception's text; at most the last 20,000 characters."""
     file = Path(result.path) / "error.txt"
     text = file.read_text(errors="replace") if file.is_file() else str(result.error)
-    return _strip_ansi(text)[-20000:]
-
-
-def _strip_ansi(text: str) -> str:
-    """Ray colours its tracebacks for terminals; files and MLflow tags get plain text."""
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return strip_ansi(text)[-20000:]
 
 
 def write_results(table: Any, folder: Path) -> Path:
@@ -511,7 +482,7 @@ def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> Non
         params = ", ".join(f"{p.key}={_fmt(best.get(p.key))}" for p in study.params if p.active(best))
         log.info(f"best trial {best['trial_id']}: {study.tune_metric} = {best[study.tune_metric]:.4f} ({params})")
     for row in table[table["status"] == STATUS_ERRORED].to_dict("records") if len(table) else []:
-        log.info(f"errored trial {row['trial_id']} ({row['error_kind']}): {row['error'].strip().splitlines()[-1][:200]}")
+        log.info(f"errored trial {row['trial_id']} ({row['error_kind']}): {last_error_line(row['error'], 200)}")
         tail = trial_log_tail(row["path"]) if "://" not in str(row["path"]) else ""
         if tail:
             log.info("  its last lines (" + str(Path(row["path"]) / TRIAL_LOGS[1]) + "):\n    " + tail.replace("\n", "\n    "))

@@ -4,8 +4,8 @@
 The driver keeps one *snapshot* per study (or ablation phase) and writes it to
 ``<folder>/progress.json`` on every change (:mod:`lcl_tune.adapters.progress`); everything shown
 is a pure function of it, so the live table, the lines of a log file and ``lcl-tune status`` run
-elsewhere or later all say the same. Standard library only (pandas and YAML only for folders of
-an earlier version): ``lcl-tune status`` answers without Ray, torch or MLflow.
+elsewhere or later all say the same. No Ray, torch or MLflow (pandas only for a study folder of an
+earlier version): ``lcl-tune status`` answers at once.
 
 The snapshot (``version`` 1), JSON::
 
@@ -38,7 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.trial import ConfigError, load_yaml
+from lcl_tune.util import json_safe
 
 SNAPSHOT = "progress.json"
 RAY_STATUS_LOG = "ray_status.log"
@@ -47,7 +48,7 @@ STALE_AFTER_S = 300.0  # a running driver rewrites its snapshot at least every H
 HEARTBEAT_S = 30.0
 
 PENDING, RUNNING, PAUSED = "pending", "running", "paused"
-COMPLETED, STOPPED, ERRORED = "completed", "stopped early", "errored"  # = searcher.STATUS_*
+COMPLETED, STOPPED, ERRORED = "completed", "stopped early", "errored"  # a trial's final status (searcher.STATUS_*)
 FINAL = (COMPLETED, STOPPED, ERRORED)
 
 
@@ -56,14 +57,20 @@ FINAL = (COMPLETED, STOPPED, ERRORED)
 # --------------------------------------------------------------------------------------------
 
 
-def fmt_value(v: Any, width: int = 16) -> str:
+def fmt_value(v: Any) -> str:
     """A parameter or metric, compact: floats to 4 significant digits, missing as ``-``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     text = str(v)
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= 16 else text[:15] + "…"
+
+
+def last_error_line(text: str | None, limit: int) -> str:
+    """The last non-blank line of an error text (the exception itself), at most ``limit`` characters."""
+    lines = [x.strip() for x in str(text or "").splitlines() if x.strip()]
+    return lines[-1][:limit] if lines else ""
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -248,14 +255,14 @@ def _is_number(text: str) -> bool:
         return text == "-"
 
 
-def error_lines(snap: dict, limit: int = 2, tail: int = 3) -> list[str]:
+def error_lines(snap: dict, limit: int = 2) -> list[str]:
     """The most recent errored trials: the error's last line and the last lines of their stderr."""
     errored = sorted((t for t in snap.get("trials", []) if t["status"] == ERRORED),
                      key=lambda t: t.get("ended") or 0.0, reverse=True)[:limit]
     lines: list[str] = []
     for t in errored:
         lines.append(f"errored trial {t['id']}: {t.get('error') or '(no error text)'}")
-        log_tail = [x for x in (t.get("log_tail") or "").splitlines() if x.strip()][-tail:]
+        log_tail = [x for x in (t.get("log_tail") or "").splitlines() if x.strip()][-3:]
         if log_tail:
             lines.append("  last stderr lines:")
             lines += [f"    {x}" for x in log_tail]
@@ -274,11 +281,12 @@ def render(snap: dict, now: float, width: int | None = None, height: int | None 
     return "\n".join(lines)
 
 
-def fold(line: str, width: int | None, sep: str = " | ") -> list[str]:
-    """``line`` on as many lines as it needs to fit ``width``, broken after its ``sep`` parts (the
+def fold(line: str, width: int | None) -> list[str]:
+    """``line`` on as many lines as it needs to fit ``width``, broken after its " | " parts (the
     study line's ETA is its last part: cutting it off would hide what a user looks for)."""
     if not width or len(line) < width:
         return [line]
+    sep = " | "
     out = [""]
     for part in line.split(sep):
         joined = f"{out[-1]}{sep}{part}" if out[-1].strip() else f"{out[-1]}{part}"
@@ -423,17 +431,11 @@ def load_status(folder: str | os.PathLike) -> dict:
                       "pass the folder of a study or ablation (STORAGE/NAME)")
 
 
-def _yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) or {}
-
-
 def snapshot_from_results(folder: Path) -> dict:
     """A finished study's snapshot from ``study.yaml`` and ``results.parquet``."""
     import pandas as pd
 
-    spec = _yaml(folder / "study.yaml")
+    spec = load_yaml(folder / "study.yaml")
     metric = spec.get("metric", {}).get("name", "dev/weighted_f1")
     scheduler = spec.get("scheduler", {})
     max_t = scheduler.get("max_t") if scheduler.get("time_unit", "period") == "period" else None
@@ -441,11 +443,10 @@ def snapshot_from_results(folder: Path) -> dict:
     columns = [k for k in spec.get("space", {}) if k in table.columns]
     trials = []
     for row in table.to_dict("records"):
-        error = str(row.get("error") or "").strip().splitlines()
-        trials.append({"id": row["trial_id"], "params": {k: _plain(row.get(k)) for k in columns},
-                       "status": row["status"], "period": _plain(row.get("periods")), "max_t": max_t,
-                       "last": _plain(row.get(metric)), "best": _plain(row.get(f"best/{metric}")),
-                       "wall_s": _plain(row.get("wall_s")), "error": error[-1][:200] if error else "",
+        trials.append({"id": row["trial_id"], "params": {k: json_safe(row.get(k)) for k in columns},
+                       "status": row["status"], "period": json_safe(row.get("periods")), "max_t": max_t,
+                       "last": json_safe(row.get(metric)), "best": json_safe(row.get(f"best/{metric}")),
+                       "wall_s": json_safe(row.get("wall_s")), "error": last_error_line(row.get("error"), 200),
                        "path": row.get("path")})
     return _finished_snapshot("study", spec.get("name", folder.name), metric, spec.get("metric", {}).get("mode", "max"),
                               columns, spec.get("search", {}).get("num_samples") or len(trials), trials,
@@ -455,15 +456,15 @@ def snapshot_from_results(folder: Path) -> dict:
 def snapshot_from_cells(folder: Path) -> dict:
     """An ablation's snapshot from ``ablation.yaml`` and its finished cells (``cells/`` or, for a
     fixed-point ablation run with ``--final`` only, ``final/``)."""
-    spec = _yaml(folder / "ablation.yaml")
+    from lcl_tune.schema.ablation import dev_cell_dir, load_cells
+
+    spec = load_yaml(folder / "ablation.yaml")
     metric = spec.get("metric", {}).get("name", "dev/weighted_f1")
-    only_final = not any((folder / "cells").glob("*.json")) and any((folder / "final").glob("*.json"))
-    cell_dir = folder / ("final" if only_final else "cells")
+    cell_dir = folder / dev_cell_dir(folder)
     trials = []
-    for path in sorted(cell_dir.glob("*.json")):
-        cell = json.loads(path.read_text())
+    for cell in load_cells(folder, cell_dir.name):
         m = cell.get("metrics", {})
-        trials.append({"id": cell.get("trial_id", path.stem), "params": {"arm": cell["arm"], "seed": cell["seed"]},
+        trials.append({"id": cell["trial_id"], "params": {"arm": cell["arm"], "seed": cell["seed"]},
                        "status": COMPLETED, "period": m.get("training_iteration"), "max_t": None,
                        "last": m.get(metric), "best": m.get(f"best/{metric}"), "wall_s": m.get("time_total_s")})
     total = len(spec.get("arms", {})) * len(spec.get("seeds", [])) or len(trials)
@@ -480,13 +481,6 @@ def _finished_snapshot(kind: str, name: str, metric: str, mode: str, columns: li
             "source": source.name + ("/" if source.is_dir() else "")}
 
 
-def _plain(v: Any) -> Any:
-    """numpy and pandas scalars as plain numbers; NaN as None."""
-    if hasattr(v, "item"):
-        v = v.item()
-    return None if isinstance(v, float) and math.isnan(v) else v
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -497,11 +491,10 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def state_line(snap: dict, now: float, host: str | None = None) -> str:
+def state_line(snap: dict, now: float) -> str:
     """Whether the study runs: ``running (updated 4s ago)``, ``finished``, ``interrupted``, or
     that its driver seems gone (its pid no longer runs on this host, or no update for
     ``STALE_AFTER_S`` while it should write every ``HEARTBEAT_S``)."""
-    host = host or socket.gethostname()
     if snap.get("source") not in (None, SNAPSHOT):
         return (f"{snap.get('outcome')} (from {snap['source']}: no {SNAPSHOT}, so made by an earlier version, "
                 "or not started yet)")
@@ -511,7 +504,7 @@ def state_line(snap: dict, now: float, host: str | None = None) -> str:
         when = f"ended {fmt_duration(now - float(snap['ended']))} ago"
         return f"{outcome} ({when}" + ("; resume it with the same command and --resume)" if outcome == "interrupted" else ")")
     where = f"driver pid {snap.get('pid')} on {snap.get('host')}"
-    if snap.get("host") == host and snap.get("pid") and not pid_alive(int(snap["pid"])):
+    if snap.get("host") == socket.gethostname() and snap.get("pid") and not pid_alive(int(snap["pid"])):
         return f"stale: the {where} is gone (last update {fmt_duration(ago)} ago); the study did not finish"
     if ago > STALE_AFTER_S:
         return f"stale? no update for {fmt_duration(ago)} (the {where} should write every {HEARTBEAT_S:.0f}s)"

@@ -105,6 +105,16 @@ class Pins(NamedTuple):
 
 
 def project_pins(pyproject: str | os.PathLike | None = None, config_path: str | os.PathLike | None = None) -> Pins:
+    """:func:`find_pins`, saying when it has no version of ray to hold the nodes to."""
+    pins = find_pins(pyproject, config_path)
+    if pins.version is not None and "ray" not in pins.pins:  # (no version at all is said where it is found)
+        why = f"no {LOCK} beside pyproject.toml" if tomllib else "reading pyproject.toml needs Python >= 3.11"
+        log.warning("%s pins no ray version (%s): ray's version on the nodes is not compared; run the check "
+                    "from a checkout of the project with Python >= 3.11", pins.origin, why)
+    return pins
+
+
+def find_pins(pyproject: str | os.PathLike | None = None, config_path: str | os.PathLike | None = None) -> Pins:
     """The versions the nodes must install: from ``pyproject``, else the project's pyproject.toml next
     to the config or above it, else this source tree's, else the installed metadata (a wheel install).
     pyproject.toml declares ranges; the exact versions are those of its lock file (``LOCK`` beside it),
@@ -116,7 +126,7 @@ def project_pins(pyproject: str | os.PathLike | None = None, config_path: str | 
         project = toml.get("project", {})
         if canonicalize_name(str(project.get("name", ""))) == PROJECT:
             lock = candidate.parent / LOCK
-            locked = _locked(lock) if lock.is_file() else {}
+            locked = read_lock(lock) if lock.is_file() else {}
             return Pins(project.get("version"), locked | _pins_of(project.get("dependencies", [])),
                         str(lock) if locked else str(candidate))
     try:
@@ -133,7 +143,7 @@ def _pins_of(requirements: Iterable[str]) -> dict[str, str]:
     return {canonicalize_name(r.name): v for r in reqs if (v := _exact(r)) and "extra" not in str(r.marker or "")}
 
 
-def _locked(path: Path) -> dict[str, str]:
+def read_lock(path: Path) -> dict[str, str]:
     """``name -> version`` of a pip constraints / lock file (``name==X`` lines; comments ignored)."""
     lines = (line.split("#", 1)[0].strip() for line in path.read_text("utf-8").splitlines())
     return _pins_of(line for line in lines if line and not line.startswith("-"))

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lcl_tune.schema.trial import ConfigError, TrialConfig
-from lcl_tune.core.data import PreparedData, batch_indices, bucketed_batch_indices, majority_accuracy, prepare_data
+from lcl_tune.core.data import (PreparedData, RawData, batch_indices, bucketed_batch_indices, load_raw,
+                                 majority_accuracy, prepare_data)
 from lcl_tune.core.losses import label_aware_contrastive_loss, mixed_objective, supervised_contrastive_loss
 from lcl_tune.core.metrics import classification_metrics
 from lcl_tune.core.model import EncoderClassifier, build_classifier, is_builtin, load_tokenizer, tokenizer_source
@@ -51,18 +52,21 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_trial_data(cfg: TrialConfig, *, progress: bool = True) -> tuple[PreparedData, PreparedData | None]:
+def prepare_trial_data(cfg: TrialConfig, *, raw: RawData | None = None,
+                       progress: bool = True) -> tuple[PreparedData, PreparedData | None]:
     """Tokenised data for the main encoder, plus a second tokenisation when a ``separate`` weighting
-    encoder uses a different tokenizer (rows align: both come from the same raw data)."""
+    encoder uses a different tokenizer (rows align: both come from the same raw data, read once;
+    ``raw`` when the caller has read it already)."""
     main_tok = tokenizer_source(cfg.model.name, cfg.model.tokenizer)
+    raw = raw if raw is not None else load_raw(cfg.data)
     data = prepare_data(cfg.data, load_tokenizer(cfg.model.name, cfg.model.tokenizer), cfg.model.max_length,
-                        progress=progress)
+                        raw=raw, progress=progress)
     w_name = cfg.weighting.model
     if not (cfg.uses_weighting_encoder and w_name):
         return data, None
     if tokenizer_source(w_name) == main_tok:
         return data, None
-    w_data = prepare_data(cfg.data, load_tokenizer(w_name), cfg.model.max_length, progress=progress)
+    w_data = prepare_data(cfg.data, load_tokenizer(w_name), cfg.model.max_length, raw=raw, progress=progress)
     return data, w_data
 
 

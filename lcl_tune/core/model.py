@@ -72,6 +72,11 @@ def load_tokenizer(name: str, tokenizer: str | None = None):
                           "point model.name or model.tokenizer at a local folder, or pre-download it") from None
 
 
+def _encoder_error(path: str, e: OSError) -> ConfigError:
+    return ConfigError("model.name", f"cannot load encoder {path!r} ({str(e).splitlines()[0]})",
+                       "use a local folder, pkg:<module>/<dir>, or a reachable hub id")
+
+
 def _classifier_config(name: str, num_labels: int, dropout: float, vocab_size: int | None,
                        label_names: list[str] | None):
     """The architecture's config with the task set: labels (``id2label``/``label2id``, so a saved
@@ -89,8 +94,7 @@ def _classifier_config(name: str, num_labels: int, dropout: float, vocab_size: i
     try:
         config = AutoConfig.from_pretrained(path, **_from_pretrained_kwargs(path))
     except OSError as e:
-        raise ConfigError("model.name", f"cannot load encoder {path!r} ({str(e).splitlines()[0]})",
-                          "use a local folder, pkg:<module>/<dir>, or a reachable hub id") from None
+        raise _encoder_error(path, e) from None
     config.update(task)
     return config
 
@@ -117,8 +121,7 @@ def load_sequence_classifier(name: str, num_labels: int, *, random_init: bool = 
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, output_loading_info=True, **_from_pretrained_kwargs(path))
     except OSError as e:
-        raise ConfigError("model.name", f"cannot load encoder {path!r} ({str(e).splitlines()[0]})",
-                          "use a local folder, pkg:<module>/<dir>, or a reachable hub id") from None
+        raise _encoder_error(path, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     prefix = f"{model.base_model_prefix}."
@@ -180,7 +183,7 @@ def identity_head(hf: nn.Module) -> str | None:
     classifier reads the [CLS] vector itself through the head's activation (``tanh(cls)`` for BERT),
     as close as the class allows to the paper's linear head on the raw [CLS] vector. Why not the
     loaded weights: sentence-embedding checkpoints such as all-MiniLM-L6-v2 carry an untrained pooler
-    that squashes [CLS] to a twentieth of its size, which costs 3-7 points of weighted-F1 in the
+    that squashes [CLS] to about a fifth of its norm, which costs 3-7 points of weighted-F1 in the
     quickstart (benchmarks/RESULTS.md). Returns the layer's name, or None when the head has none."""
     found = head_dense(hf)
     if found is None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,22 @@ def cell_of(params: Mapping[str, Any]) -> tuple[str, int]:
         arm, _, seed = str(params["cell"]).rpartition("__seed")
         return arm, int(seed)
     return str(params["arm"]), int(params["seed"])
+
+
+CELL_DIR = "cells"  # an ablation folder's finished (arm, seed) cells, one JSON each
+FINAL_DIR = "final"  # --final: each arm's selected configuration, trained again, evaluated on test once
+
+
+def dev_cell_dir(folder: Path) -> str:
+    """Where the dev-phase cells of ``folder`` are: ``cells/``, or ``final/`` for a fixed-point
+    ablation run with ``--final`` only (its cells trained once, in the final phase)."""
+    return CELL_DIR if any((folder / CELL_DIR).glob("*.json")) or not (folder / FINAL_DIR).is_dir() else FINAL_DIR
+
+
+def load_cells(folder: Path, cell_dir: str | None = None) -> list[dict[str, Any]]:
+    """The finished cells of ``folder`` (``cell_dir``, default :func:`dev_cell_dir`), by file name."""
+    cell_dir = cell_dir or dev_cell_dir(folder)
+    return [json.loads(p.read_text()) for p in sorted((folder / cell_dir).glob("*.json"))]
 
 
 def is_ablation(tree: Mapping[str, Any]) -> bool:

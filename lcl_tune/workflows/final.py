@@ -12,7 +12,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from lcl_tune.schema.trial import TrialConfig
@@ -41,18 +40,14 @@ def save_model(trainer: Any, folder: Path) -> Path:
     return folder
 
 
-def write_test_predictions(trainer: Any, path: Path) -> Path | None:
+def write_test_predictions(trainer: Any, test: Any, path: Path) -> Path | None:
     """Each test row's text, gold label, predicted label and its probability, from the project's
-    own evaluation: what the saved model must reproduce, and the rows to read for error analysis."""
+    own evaluation: what the saved model must reproduce, and the rows to read for error analysis.
+    ``test``: the raw test split (``RawSplit``) the trainer's data was tokenised from."""
     import pandas as pd
 
-    from lcl_tune.core.data import load_raw
-
-    test = load_raw(trainer.cfg.data).test
     if test is None or trainer.data.test is None:
         return None
-    if not np.array_equal(test.labels, trainer.data.test.labels):  # the rows the trainer evaluated, in order
-        raise RuntimeError(f"the test split read again differs from the one trained with ({trainer.data.source})")
     probs = torch.softmax(trainer.predict("test"), dim=-1)
     best = probs.max(dim=-1)
     names = trainer.data.label_names
@@ -65,9 +60,11 @@ def write_test_predictions(trainer: Any, path: Path) -> Path | None:
 def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
                 provenance: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``cfg`` once per seed (default: its own); returns one summary per seed."""
+    from lcl_tune.core.data import load_raw
     from lcl_tune.core.engine import Trainer, prepare_trial_data
 
-    data, w_data = prepare_trial_data(cfg)
+    raw = load_raw(cfg.data)  # read once: tokenised for training, its test texts for the predictions
+    data, w_data = prepare_trial_data(cfg, raw=raw)
     summaries = []
     for seed in seeds or [cfg.seed]:
         run_cfg = copy.deepcopy(cfg)
@@ -79,7 +76,7 @@ def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
         trainer = Trainer(run_cfg, data=data, w_data=w_data)
         summary = trainer.fit()
         save_model(trainer, folder / MODEL_DIR)
-        write_test_predictions(trainer, folder / PREDICTIONS_FILE)
+        write_test_predictions(trainer, raw.test, folder / PREDICTIONS_FILE)
         summary["model_dir"] = str(folder / MODEL_DIR)
         summary["mlflow"] = log_final_run(run_cfg, summary, folder, provenance)
         write_json(folder / "metrics.json", summary)

@@ -226,6 +226,27 @@ def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path)
     assert {r.info.status for r in seeds} == {"FINISHED"}
 
 
+def test_a_kill_that_tore_rays_variant_state_does_not_restart_the_cells(tmp_path):
+    """A SIGKILL during the driver's copy of Ray's variant-generator state leaves it torn (0 bytes,
+    seen in CI); Ray would then fail to restore and start every cell again under new MLflow runs.
+    The torn file is set aside and only cells without a trial in the experiment state are generated."""
+    import ray.cloudpickle as cloudpickle
+
+    from lcl_tune.adapters.ablation_runner import _grid_to_restore
+
+    held = ["ce__seed1", "ce__seed2", "lcl__seed1"]
+    trials = [[json.dumps({"trial_id": f"t{i}", "config": {"cell": c}}), "{}"] for i, c in enumerate(held[:2])]
+    (tmp_path / "experiment_state-2026-12-04_10-00-00.json").write_text(json.dumps({"trial_data": trials}))
+    intact = tmp_path / "basic-variant-state-2026-12-04_10-00-00.json"
+    intact.write_bytes(cloudpickle.dumps({"_counter": 3}))
+    assert _grid_to_restore(tmp_path, held) == held and intact.exists()  # Ray's own restore knows them all
+
+    torn = tmp_path / "basic-variant-state-2026-12-04_10-05-00.json"
+    torn.write_bytes(b"")
+    assert _grid_to_restore(tmp_path, held) == ["lcl__seed1"]
+    assert not torn.exists() and (tmp_path / f".torn-{torn.name}").exists() and intact.exists()
+
+
 def test_final_phase_reports_the_test_split_per_arm(ablation):
     """`ablate --final`: each arm's configuration on every seed again, the test split evaluated once
     per seed, reported with paired tests and in the paper's table layout; the dev cells stay as they were."""

@@ -137,6 +137,24 @@ def test_an_optuna_trial_of_a_ray_trial_lost_in_a_kill_is_taken_over(tmp_path):
     assert [t.user_attrs["ray_trial_id"] for t in trials] == ["a", "c", "d"]  # one Optuna trial per Ray trial
 
 
+def test_an_optuna_trial_asked_just_before_a_kill_is_taken_over(tmp_path):
+    """The kill fell between Optuna's ``ask`` and the journal write of the trial's Ray id (seen in
+    the SIGKILL test under load): that running trial, without a Ray id or parameters, is taken
+    over too, so every Optuna trial belongs to a Ray trial."""
+    journal = tmp_path / "optuna.journal"
+    first = StudySearcher(make_study(tmp_path), journal)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))
+    first.ostudy.ask()  # the lost trial's journal holds this much
+    del first
+
+    again = StudySearcher(make_study(tmp_path), journal)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    again.suggest("c")
+    trials = journal_trials(journal)
+    assert [t.user_attrs.get("ray_trial_id") for t in trials] == ["a", "c"] and "loss.temperature" in trials[1].params
+
+
 def test_points_to_evaluate_come_first_and_only_once(tmp_path):
     journal = tmp_path / "optuna.journal"
     study = make_study(tmp_path, points_to_evaluate=[{"loss.temperature": 0.3, "weighting.name": "self"}])

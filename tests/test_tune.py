@@ -447,6 +447,33 @@ def test_grid_and_gp_studies_run_end_to_end(tmp_path, sampler):
         assert table["optim.lr"].between(1e-4, 3e-2).all() and len(points) >= 4
 
 
+def test_resuming_a_study_whose_ray_state_a_kill_tore_is_a_one_line_error(tmp_path):
+    """A SIGKILL while the driver copied Ray's state into the study folder leaves a file torn; Ray's
+    restore would fail, log it and silently run every trial again. --resume says so before any work."""
+    import ray.cloudpickle as cloudpickle
+
+    from lcl_tune.adapters.study_runner import _write_study, torn_ray_state
+    from lcl_tune.schema.study import parse_study
+
+    ray_dir = tmp_path / "runs" / "e2e" / "ray"
+    ray_dir.mkdir(parents=True)
+    (ray_dir / "tuner.pkl").write_bytes(b"")  # what Tuner.can_restore looks for
+    (ray_dir / "experiment_state-2026-12-04_10-00-00.json").write_text(json.dumps({"trial_data": []}))
+    (ray_dir / "searcher-state-2026-12-04_10-00-00.pkl").write_bytes(cloudpickle.dumps({"numbers": {}}))
+    assert torn_ray_state(ray_dir) == []
+    (ray_dir / "search_gen_state-2026-12-04_10-00-00.json").write_bytes(b"")
+    assert torn_ray_state(ray_dir) == [ray_dir / "search_gen_state-2026-12-04_10-00-00.json"]
+
+    tree = study_tree(tmp_path / "cache")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tree))
+    _write_study(parse_study(tree, tmp_path / "s.yaml", (), False), ray_dir.parent, "lcl-tune tune s.yaml")
+    proc = cli("tune", str(tmp_path / "s.yaml"), "--storage", str(tmp_path / "runs"), "--resume")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"--resume: {ray_dir}/search_gen_state-2026-12-04_10-00-00.json is torn" in out
+    assert "Fix: start it again under a new --name" in out and "Traceback" not in out
+
+
 def test_a_trial_loads_a_pretrained_encoder_under_rays_log_to_file(minilm_path, monkeypatch):
     """Inside a trial, Ray's ``log_to_file`` makes ``sys.stdout`` a ``Tee`` without ``isatty()``, and
     transformers' loading report asks it whenever a pretrained encoder gets a new head: every

@@ -36,7 +36,7 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.ablation import CELL_DIR, FINAL_DIR, Ablation, cell_name, cell_of, dev_cell_dir, load_cells
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
-                     check_tracking_reach, run_study, study_place, sync_up, tune, wait_for_spools)
+                     check_tracking_reach, run_study, study_place, sync_up, torn_ray_state, tune, wait_for_spools)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter,
                                         showing_progress, trial_error_text)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
@@ -168,9 +168,10 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
         if any(not finished(c) for c in held):
             log.info(f"resuming the cells of {name}: {', '.join(c for c in held if not finished(c))}")
             # the grid again, as it was: without it Ray's restored variant generator adds an empty trial
+            grid = held if "://" in place.ray_storage else _grid_to_restore(place.folder / "ray" / name, held)
             with showing_progress(place.folder):  # the experiment's own progress callback and reporter
                 tune.Tuner.restore(f"{place.ray_storage}/ray/{name}", trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space={"cell": tune.grid_search(held)}).fit()
+                                   resume_errored=True, param_space={"cell": tune.grid_search(grid)}).fit()
     held = {c for cells_of in restorable.values() for c in cells_of}
     new = [c for c in cells if c not in held and not finished(c)]
     if not new:
@@ -195,6 +196,27 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
             failure_config=tune.FailureConfig(max_failures=ab.max_retries)))
     with showing_progress(place.folder):
         tuner.fit()
+
+
+def _grid_to_restore(experiment: Path, held: list[str]) -> list[str]:
+    """The cells Ray's restore is to generate trials for: all it holds, which its variant
+    generator's saved state marks as generated already. A SIGKILL while the driver copied that
+    state into the experiment folder (a plain copy) leaves it torn; Ray then fails to restore,
+    logs it, and silently starts the experiment again, every cell from scratch under a new MLflow
+    run. The torn file is set aside instead, and the fresh generator gets only the cells that have
+    no trial in the experiment's state, so the others continue from their checkpoints."""
+    torn = torn_ray_state(experiment)
+    if not torn:
+        return held
+    if torn != [t for t in torn if t.name.startswith("basic-variant-state-")]:
+        raise ConfigError("ray state", f"{torn[0]} is torn (the driver was killed while Ray copied it), so Ray cannot "
+                          "resume these cells", f"move {experiment} and {experiment}.json aside: the cells run again")
+    log.warning(f"{torn[0]} is torn, as a kill left it: set aside; the cells continue from their checkpoints")
+    torn[0].rename(torn[0].with_name(f".torn-{torn[0].name}"))
+    newest = max(experiment.glob("experiment_state-*.json"), default=None)
+    trials = json.loads(newest.read_text())["trial_data"] if newest is not None else []
+    have = {json.loads(t[0])["config"].get("cell") for t in trials}
+    return [c for c in held if c not in have]
 
 
 def _cell_experiments(folder: Path, cell_dir: str) -> dict[str, list[str]]:

@@ -208,17 +208,19 @@ class StudySearcher(Searcher):
             return dict(self.ostudy.get_trials(deepcopy=False)[self.numbers[trial_id]].params)
         orphan = self._orphan()
         trial = optuna.trial.Trial(self.ostudy, orphan._trial_id) if orphan is not None else self.ostudy.ask()
-        params = self.space(trial)  # an orphan's parameters are suggested again: Optuna returns its own
         trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
+        params = self.space(trial)  # an orphan's parameters are suggested again: Optuna returns its own
         self.numbers[trial_id], self._trials[trial_id] = trial.number, trial
         return params
 
     def _orphan(self) -> "optuna.trial.FrozenTrial | None":
         """An Optuna trial asked for a Ray trial that Ray does not know (its driver was killed
-        before Ray saved the trial): the next Ray trial takes it over, so none is left running."""
+        before Ray saved the trial, maybe before the trial's Ray id or parameters were written):
+        the next Ray trial takes it over, so none is left running. Only this searcher asks, and it
+        records each trial it asks at once, so every running trial it does not know is one."""
         known = set(self.numbers.values())
         running = self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return next((t for t in running if t.number not in known and RAY_TRIAL_ATTR in t.user_attrs), None)
+        return next((t for t in running if t.number not in known), None)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         value, step = result.get(self.study.tune_metric), result.get("training_iteration")

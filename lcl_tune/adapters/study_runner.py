@@ -180,9 +180,37 @@ def _check_folder(study: Study, folder: Path, ray_dir: str, resume: bool) -> Non
         if saved.to_dict() != study.to_dict():
             raise ConfigError("--resume", f"the study differs from the one started in {folder}",
                               "resume with the same file and --set values, or start a new --name")
+        torn = torn_ray_state(Path(ray_dir)) if "://" not in str(ray_dir) else []
+        if torn:  # Ray would log that it cannot restore, and silently run every trial again
+            raise ConfigError("--resume", f"{torn[0]} is torn (the driver was killed while Ray copied it into the "
+                              "study folder), so Ray cannot resume the study", "start it again under a new --name")
     elif exists(ray_dir):
         raise ConfigError("--name", f"{folder} already holds study {study.name!r}",
                           "pass --resume to continue it, or choose another --name")
+
+
+RAY_STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+                   "basic-variant-state-*.json")  # what Tuner.restore reads: the newest of each
+
+
+def torn_ray_state(experiment: Path) -> list[Path]:
+    """The newest of each of Ray's state files in ``experiment`` that does not load. The driver
+    writes them atomically in its staging folder, then copies them into the experiment folder with
+    a plain copy: a SIGKILL during the copy leaves one torn (0 bytes, seen in CI), and Ray's restore
+    then fails, logs it, and starts the experiment again from scratch."""
+    import json
+
+    import ray.cloudpickle as cloudpickle
+
+    torn = []
+    for pattern in RAY_STATE_FILES:
+        newest = max(experiment.glob(pattern), default=None)
+        try:
+            if newest is not None:  # experiment_state is JSON; the others are cloudpickles named .json/.pkl
+                (json.loads if pattern.startswith("experiment_state") else cloudpickle.loads)(newest.read_bytes())
+        except Exception:  # noqa: BLE001 - EOF, decoding or unpickling errors: torn
+            torn.append(newest)
+    return torn
 
 
 def _write_study(study: Study, folder: Path, command: str | None) -> None:

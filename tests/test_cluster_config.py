@@ -15,7 +15,7 @@ from lcl_tune.cli.cluster_check import COMMAND_LISTS, main, parse_installs, vali
 
 REPO = Path(__file__).resolve().parents[1]
 # The pins come from pyproject.toml and its lock; Python 3.10 has no tomllib to read them (the check says so).
-needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="reading pyproject.toml needs tomllib (3.11)")
+needs_tomllib = pytest.mark.skipif(sys.version_info < (3, 11), reason="by design: reading pyproject.toml needs tomllib (3.11)")
 CLUSTER = REPO / "cluster.yaml"
 PYPROJECT = REPO / "pyproject.toml"
 TEXT = CLUSTER.read_text()

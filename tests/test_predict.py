@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import CUES, write_cued_texts
+
 from lcl_tune.cli.main import main
 from lcl_tune.workflows.final import MODEL_DIR, PREDICTIONS_FILE, TRIAL_CONFIG, train_final
 
@@ -20,29 +22,6 @@ def _final_model(cfg, out) -> tuple[dict, object]:
     return summary, out / f"seed{cfg.seed}"
 
 
-CUES = {"anger": "furious", "joy": "delighted", "optimism": "hopeful", "sadness": "miserable"}
-FILLER = "the a day was it and then we today after work with my friends at home again".split()
-
-
-def _write_cued_texts(path, n: int, seed: int, ambiguous: float = 0.0) -> None:
-    """Texts whose label is the emotion word they contain (a task a tiny BERT learns in seconds);
-    a fraction ``ambiguous`` has two emotion words or none, where each model decides its own way."""
-    import random
-
-    r = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = r.choice(list(CUES))
-        words = r.choices(FILLER, k=r.randint(4, 12))
-        cues = [CUES[label]]
-        if r.random() < ambiguous:
-            cues = r.choice([[], [CUES[label], CUES[r.choice(list(CUES))]]])
-        for cue in cues:
-            words.insert(r.randint(0, len(words)), cue)
-        rows.append({"text": " ".join(words), "label": label})
-    pd.DataFrame(rows).to_csv(path, index=False)
-
-
 @pytest.fixture(scope="module")
 def tiny_final(tmp_path_factory, minilm_path):
     """A tiny random-initialised BERT trained with ``train --final`` on cued texts (4 classes,
@@ -51,7 +30,7 @@ def tiny_final(tmp_path_factory, minilm_path):
 
     tmp = tmp_path_factory.mktemp("tiny_final")
     for split, n, seed, ambiguous in [("train", 256, 1, 0.0), ("dev", 64, 2, 0.0), ("test", 200, 3, 0.35)]:
-        _write_cued_texts(tmp / f"{split}.csv", n, seed, ambiguous)
+        write_cued_texts(tmp / f"{split}.csv", n, seed, ambiguous)
     cfg = C.from_dict({
         "model": {"name": "tiny", "max_length": 32},
         "data": {"train_file": str(tmp / "train.csv"), "dev_file": str(tmp / "dev.csv"),

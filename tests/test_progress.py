@@ -5,18 +5,23 @@ reuse, in tests/test_tune.py and tests/test_ablate.py."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 from lcl_tune.analysis import progress as P
 from lcl_tune.cli.main import main
@@ -156,7 +161,7 @@ def test_one_line_per_event():
     assert P.event_line(snap, t3, "result", NOW).endswith("trial aaaa0003 period 2/4: dev/weighted_f1=0.6 best=0.61")
     assert P.event_line(snap, t1, "finished", NOW).endswith("trial aaaa0001 completed after 4/4 periods in 1m40s: best=0.6725")
     stopped = P.event_line(snap, snap["trials"][1], "finished", NOW)
-    assert "stopped early by ASHA after 1/4 periods" in stopped
+    assert stopped == "[00:01:35] trial aaaa0002 stopped early by ASHA after 1/4 periods in 50s: best=0.5101"
     errored = P.event_line(snap, t5, "finished", NOW).split("\n")
     assert errored[0].endswith("trial aaaa0005 errored before its first report after 25s: RuntimeError: boom")
     assert errored[-1] == "    Traceback: last"
@@ -282,7 +287,6 @@ def drive(callback, tmp_path: Path) -> tuple[FakeTrial, FakeTrial, FakeTrial]:
 
 
 def test_the_callback_prints_one_line_per_event_and_writes_progress_json(tmp_path, capsys, info_logging):
-    pytest.importorskip("ray")
     from lcl_tune.adapters.progress import study_progress
 
     callback = study_progress(fake_study(), tmp_path, slots=2)
@@ -298,7 +302,7 @@ def test_the_callback_prints_one_line_per_event_and_writes_progress_json(tmp_pat
     assert len(events) == len(expected)
     for event, start in zip(events, expected):
         assert event.split("] ", 1)[1].startswith(start), (event, start)
-    assert "loss.temperature=0.3 weighting.name=self" in events[0] and "seed" not in events[0]
+    assert events[0].endswith("] trial aaaa0001 started: loss.temperature=0.3 weighting.name=self")  # no seed
     assert "errored before its first report after" in events[-1] and events[-1].endswith("RuntimeError: out of patience")
     assert "    RuntimeError: out of patience" in err and "    warming up" in err  # the stderr tail
     assert err.rstrip().splitlines()[-1].startswith("study 'fake': 3/3 done (1 completed, 1 stopped early, 1 errored)")
@@ -315,7 +319,6 @@ def test_the_callback_prints_one_line_per_event_and_writes_progress_json(tmp_pat
 
 
 def test_period_reports_rewrite_progress_json_only_now_and_then(tmp_path, monkeypatch, info_logging):
-    pytest.importorskip("ray")
     from lcl_tune.adapters import progress as AP
 
     monkeypatch.setattr(AP, "WRITE_EVERY_S", 1e9)
@@ -333,24 +336,34 @@ def test_period_reports_rewrite_progress_json_only_now_and_then(tmp_path, monkey
 
 
 def test_on_a_terminal_the_callback_redraws_a_table_instead_of_lines(tmp_path, monkeypatch, info_logging):
-    pytest.importorskip("ray")
     from lcl_tune.adapters.progress import study_progress
 
     term = Terminal()
     monkeypatch.setattr(sys, "stderr", term)
     monkeypatch.delenv("TERM", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")  # the frame's size, whatever terminal runs the tests
+    monkeypatch.setenv("LINES", "40")
     drive(study_progress(fake_study(), tmp_path, slots=2), tmp_path)
     out = term.getvalue()
     assert "\x1b[K" in out and "\x1b[J" in out and "started:" not in out
-    last = out.rsplit("\x1b[J", 2)[-2].replace("\x1b[K", "")  # the last frame
-    assert "trial" in last and "aaaa0001" in last and "stopped early" in last
-    assert "study 'fake': 3/3 done" in last and "errored trial cccc0003: RuntimeError: out of patience" in last
+    last = out.rsplit("\x1b[J", 2)[-2].replace("\x1b[K", "")  # the last frame, after its cursor-up
+    lines = re.sub(r"^\r(\x1b\[\d+A)?", "", last).split("\n")
+    assert lines[0].split() == ["trial", "loss.temperature", "weighting.name", "period", "dev/weighted_f1", "best",
+                                "status"]
+    assert [line.split() for line in lines[1:4]] == [
+        ["aaaa0001", "0.3", "self", "4/4", "0.54", "0.54", "completed"],
+        ["bbbb0002", "0.9", "uniform", "1/4", "0.4", "0.4", "stopped", "early"],
+        ["cccc0003", "0.1", "self", "-", "-", "-", "errored"]]
+    # the study ended: its line says how long it took (the callback's wall clock: not compared)
+    assert lines[4].startswith("study 'fake': 3/3 done (1 completed, 1 stopped early, 1 errored), 0 running, "
+                               "0 pending | best dev/weighted_f1 0.54 (trial aaaa0001) | finished in ")
+    assert lines[5:] == ["errored trial cccc0003: RuntimeError: out of patience", "  last stderr lines:",
+                         "    warming up", "    loading data", "    RuntimeError: out of patience", ""]
 
 
 def test_the_callback_pickles_without_its_terminal(tmp_path, monkeypatch, info_logging):
     """Ray pickles callbacks with the experiment (tuner.pkl): a set-up one must pickle, and come
     back fresh."""
-    pytest.importorskip("ray")
     from lcl_tune.adapters.progress import study_progress
 
     monkeypatch.setattr(sys, "stderr", Terminal())
@@ -364,7 +377,6 @@ def test_the_callback_pickles_without_its_terminal(tmp_path, monkeypatch, info_l
 
 
 def test_rays_log_goes_to_the_file_while_a_study_runs(tmp_path, capsys):
-    pytest.importorskip("ray")
     from lcl_tune.adapters.progress import ray_logs_to
 
     ray_log = logging.getLogger("ray.tune.tune")
@@ -383,9 +395,19 @@ def test_rays_log_goes_to_the_file_while_a_study_runs(tmp_path, capsys):
 
 
 def write_snapshot(folder: Path, **kw) -> Path:
+    """``progress.json`` as the driver writes it: whole, by a rename (a reader never meets half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "progress.json").write_text(json.dumps(snapshot(five_trials(), **kw)))
+    (folder / "progress.json.tmp").write_text(json.dumps(snapshot(five_trials(), **kw)))
+    os.replace(folder / "progress.json.tmp", folder / "progress.json")
     return folder
+
+
+@pytest.fixture()
+def fixed_clock(monkeypatch):
+    """``lcl-tune status`` reads the wall clock through watch_status's ``clock``: fixed at NOW here,
+    so "updated 3s ago" and the ETA are exact whatever the time the test takes."""
+    monkeypatch.setattr(P, "watch_status", functools.partial(P.watch_status, clock=lambda: NOW))
+    return NOW
 
 
 def status(capsys, *args: str) -> tuple[int, str]:
@@ -394,68 +416,85 @@ def status(capsys, *args: str) -> tuple[int, str]:
     return code, out.out + out.err
 
 
-def test_status_of_a_running_study(tmp_path, capsys):
-    folder = write_snapshot(tmp_path / "q", updated=time.time() - 3, started=time.time() - 60)
+def test_status_of_a_running_study(tmp_path, capsys, fixed_clock):
+    folder = write_snapshot(tmp_path / "q", updated=NOW - 3, started=NOW - 60)
     code, out = status(capsys, folder)
     assert code == 0
     lines = out.splitlines()
     assert lines[0] == f"{folder}: running (updated 3s ago, driver pid {os.getpid()} on {socket.gethostname()})"
-    assert lines[1].split()[:2] == ["trial", "loss.temperature"] and "aaaa0001" in out
-    assert "study 'q': 3/6 done (1 completed, 1 stopped early, 1 errored), 1 running, 2 pending" in out
-    assert "errored trial aaaa0005: RuntimeError: boom" in out
+    assert lines[1].split() == ["trial", *COLUMNS, "period", "dev/weighted_f1", "best", "status"]
+    assert [line.split()[0] for line in lines[2:7]] == ["aaaa0003", "aaaa0004", "aaaa0001", "aaaa0002", "aaaa0005"]
+    # elapsed from `started` 60 s before now; the ETA as in the study-line test (the same trials, the same now)
+    assert lines[7] == ("study 'q': 3/6 done (1 completed, 1 stopped early, 1 errored), 1 running, 2 pending"
+                        " | best dev/weighted_f1 0.6725 (trial aaaa0001) | elapsed 1m00s | ETA 1m08s")
+    assert lines[8:] == ["errored trial aaaa0005: RuntimeError: boom", "  last stderr lines:",
+                         "    line 1", "    line 2", "    Traceback: last"]
 
 
-def test_status_says_when_the_driver_is_gone(tmp_path, capsys):
+def test_status_says_when_the_driver_is_gone(tmp_path, capsys, fixed_clock):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    folder = write_snapshot(tmp_path / "dead", pid=dead.pid, updated=time.time() - 5)
+    folder = write_snapshot(tmp_path / "dead", pid=dead.pid, updated=NOW - 5)
     _, out = status(capsys, folder)
-    assert f"stale: the driver pid {dead.pid} on {socket.gethostname()} is gone" in out.splitlines()[0]
+    assert out.splitlines()[0] == (f"{folder}: stale: the driver pid {dead.pid} on {socket.gethostname()} is gone "
+                                   "(last update 5s ago); the study did not finish")
 
-    folder = write_snapshot(tmp_path / "quiet", host="another-host", updated=time.time() - 1000)
+    folder = write_snapshot(tmp_path / "quiet", host="another-host", updated=NOW - 1000)
     _, out = status(capsys, folder)
-    assert "stale? no update for 16m40s" in out.splitlines()[0]
+    assert out.splitlines()[0] == (f"{folder}: stale? no update for 16m40s (the driver pid {os.getpid()} on "
+                                   f"another-host should write every {P.HEARTBEAT_S:.0f}s)")
 
 
-def test_status_of_a_finished_and_of_an_interrupted_study(tmp_path, capsys):
-    ended = time.time() - 7200
+def test_status_of_a_finished_and_of_an_interrupted_study(tmp_path, capsys, fixed_clock):
+    ended = NOW - 7200
     folder = write_snapshot(tmp_path / "done", started=ended - 95, ended=ended, outcome="finished", pid=1)
     _, out = status(capsys, folder)
-    assert out.splitlines()[0] == f"{folder}: finished (ended 2h00m ago)" and "| finished in 1m35s" in out
+    assert out.splitlines()[0] == f"{folder}: finished (ended 2h00m ago)"
+    assert out.splitlines()[7].endswith(" | best dev/weighted_f1 0.6725 (trial aaaa0001) | finished in 1m35s")
     folder = write_snapshot(tmp_path / "cut", ended=ended, outcome="interrupted")
     _, out = status(capsys, folder)
-    assert out.splitlines()[0].endswith("interrupted (ended 2h00m ago; resume it with the same command and --resume)")
+    assert out.splitlines()[0] == (f"{folder}: interrupted (ended 2h00m ago; resume it with the same command "
+                                   "and --resume)")
 
 
 def test_status_watch_reports_until_the_study_ends(tmp_path):
     """``--watch``: a report every period while the study runs (appended when not a terminal), the
-    last one once its driver marks it ended."""
-    import threading
-
-    folder = write_snapshot(tmp_path / "w", updated=time.time())
+    last one once its driver marks it ended. The watcher's clock is fixed; the test waits on what
+    the watcher wrote, never on time."""
+    folder = write_snapshot(tmp_path / "w", updated=NOW)
     out = io.StringIO()
-    watcher = threading.Thread(target=P.watch_status, args=(folder, out, 0.05))
+
+    def reports() -> list[str]:
+        return [line for line in out.getvalue().splitlines() if line.startswith(f"{folder}: ")]
+
+    watcher = threading.Thread(target=P.watch_status, args=(folder, out, 0.05), kwargs={"clock": lambda: NOW},
+                               daemon=True)
     watcher.start()
-    time.sleep(0.3)
-    write_snapshot(folder, updated=time.time(), ended=time.time(), outcome="finished")
-    watcher.join(timeout=10)
-    assert not watcher.is_alive()
-    reports = [line for line in out.getvalue().splitlines() if line.startswith(f"{folder}: ")]
-    assert len(reports) >= 3 and reports[0].startswith(f"{folder}: running")
-    assert reports[-1].startswith(f"{folder}: finished") and not any("finished" in r for r in reports[:-1])
+    deadline = time.monotonic() + 60
+    while len(reports()) < 2:  # two reports while it runs: it repeats, and it did not stop
+        assert watcher.is_alive(), f"the watcher stopped while the study ran: {out.getvalue()[-2000:]}"
+        assert time.monotonic() < deadline, f"the watcher reported {len(reports())} times in 60 s"
+        time.sleep(0.01)
+    write_snapshot(folder, updated=NOW, ended=NOW, outcome="finished")
+    watcher.join(timeout=60)
+    assert not watcher.is_alive(), "the watcher went on after the study ended"
+    running = f"{folder}: running (updated 0s ago, driver pid {os.getpid()} on {socket.gethostname()})"
+    seen = reports()
+    assert len(seen) >= 3 and seen[:-1] == [running] * (len(seen) - 1)
+    assert seen[-1] == f"{folder}: finished (ended 0s ago)"
 
 
-def test_status_of_an_ablation_lists_the_tuning_study_of_each_arm(tmp_path, capsys):
+def test_status_of_an_ablation_lists_the_tuning_study_of_each_arm(tmp_path, capsys, fixed_clock):
     folder = write_snapshot(tmp_path / "abl", kind="ablation", name="abl", columns=["arm", "seed"])
-    write_snapshot(folder / "tune" / "lcl", name="abl-tune-lcl", ended=time.time() - 60, outcome="finished")
+    write_snapshot(folder / "tune" / "lcl", name="abl-tune-lcl", ended=NOW - 60, outcome="finished")
     _, out = status(capsys, folder)
     tuning = [line for line in out.splitlines() if line.startswith("  tuning: ")]
-    assert len(tuning) == 1 and "study 'abl-tune-lcl': 3/6 done" in tuning[0] and tuning[0].endswith("[finished (ended 1m00s ago)]")
+    assert tuning == ["  tuning: study 'abl-tune-lcl': 3/6 done (1 completed, 1 stopped early, 1 errored), 1 running, "
+                      "2 pending | best dev/weighted_f1 0.6725 (trial aaaa0001) | finished in 35s "
+                      "[finished (ended 1m00s ago)]"]
 
 
 def test_status_of_a_study_an_earlier_version_made(tmp_path, capsys):
-    pd = pytest.importorskip("pandas")
-    yaml = pytest.importorskip("yaml")
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "study.yaml").write_text(yaml.safe_dump({
@@ -478,7 +517,6 @@ def test_status_of_a_study_an_earlier_version_made(tmp_path, capsys):
 
 
 def test_status_of_an_ablation_an_earlier_version_made(tmp_path, capsys):
-    yaml = pytest.importorskip("yaml")
     folder = tmp_path / "abl"
     (folder / "cells").mkdir(parents=True)
     (folder / "ablation.yaml").write_text(yaml.safe_dump({
@@ -507,4 +545,6 @@ def test_status_loads_no_heavy_module(tmp_path):
             "print([m for m in ('ray', 'torch', 'mlflow', 'optuna') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "aaaa0001" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{folder}: ") and lines[1].split()[0] == "trial" and lines[2].split()[0] == "aaaa0003"
+    assert lines[-1] == "[]"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import warnings
@@ -14,6 +13,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import need_program
 from scipy import stats
 
 from lcl_tune.analysis.report import (
@@ -24,6 +24,7 @@ from lcl_tune.analysis.report import (
     cells_from_table,
     holm,
     metric_table,
+    paper_table,
     plot_arms,
     summarise,
     to_latex,
@@ -261,7 +262,7 @@ def test_best_arm_mean_vs_lcb():
     assert best_arm(rep, "accuracy", "lcb") == "steady"
     assert rep.per_class.empty or rep.per_class.isna().all().all()
     assert rep.confused_pairs.empty
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rule must be 'mean' or 'lcb', got 'median'"):
         best_arm(rep, "accuracy", "median")
 
 
@@ -360,12 +361,17 @@ def test_latex_escapes_arm_and_metric_names():
     assert r"\Delta" in tex and r"\$" not in tex  # the cells' math is not escaped
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
-def test_latex_compiles_in_article_with_booktabs(report, tmp_path):
-    table = to_latex(summarise(make_cells(ODD), baseline="ce")) + to_latex(report)
-    doc = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + table + "\\end{document}\n"
+@pytest.mark.parametrize("table", ["report.tex", "paper_table.tex"])
+def test_latex_compiles_in_article_with_booktabs(report, tmp_path, table):
+    """Both LaTeX files an ablation writes, as a user includes them (odd names escaped); pdflatex
+    halts on the first error. CI installs pdflatex (texlive-latex-base and -recommended)."""
+    pdflatex = need_program("pdflatex", "compiling the LaTeX tables")
+    odd = summarise(make_cells(ODD), baseline="ce")
+    body = (to_latex(odd) + to_latex(report) if table == "report.tex"
+            else paper_table({"odd_set & co": odd, "toy": report}))
+    doc = "\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n" + body + "\n\\end{document}\n"
     (tmp_path / "t.tex").write_text(doc)
-    proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
+    proc = subprocess.run([pdflatex, "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert (tmp_path / "t.pdf").stat().st_size > 1000

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
-pd = pytest.importorskip("pandas")
+import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 GOEMOTIONS = REPO / "benchmarks" / "results" / "ablation_goemotions_cpu"

@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-optuna = pytest.importorskip("optuna")
-pytest.importorskip("ray")
+import optuna
 
-from lcl_tune.adapters.searcher import (StudySearcher, check_sampler_options, make_sampler,  # noqa: E402
-                                        sampler_kwargs)
-from lcl_tune.schema.study import load_study  # noqa: E402
-from lcl_tune.schema.trial import ConfigError  # noqa: E402
+from lcl_tune.adapters.searcher import StudySearcher, check_sampler_options, make_sampler, sampler_kwargs
+from lcl_tune.schema.study import load_study
+from lcl_tune.schema.trial import ConfigError
 
 TrialState = optuna.trial.TrialState
 METRIC = "best/dev/weighted_f1"
@@ -129,12 +127,14 @@ def test_an_optuna_trial_of_a_ray_trial_lost_in_a_kill_is_taken_over(tmp_path):
     lost = first.suggest("b")
     del first
 
-    again = StudySearcher(make_study(tmp_path), journal)
+    handed = []
+    again = StudySearcher(make_study(tmp_path), journal, on_takeover=lambda old, new: handed.append((old, new)))
     again.restore(str(tmp_path / "searcher.pkl"))
     assert again.suggest("c") == lost
     again.suggest("d")
     trials = journal_trials(journal)
     assert [t.user_attrs["ray_trial_id"] for t in trials] == ["a", "c", "d"]  # one Optuna trial per Ray trial
+    assert handed == [("b", "c")]  # "c" takes over "b"'s MLflow run too, before it starts
 
 
 def test_an_optuna_trial_asked_just_before_a_kill_is_taken_over(tmp_path):

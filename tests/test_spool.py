@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import threading
 
+import optuna
+import pandas as pd
 import pytest
+import yaml
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
-pytest.importorskip("mlflow")
-pd = pytest.importorskip("pandas")
-
-from lcl_tune.adapters import spool as S  # noqa: E402
-from lcl_tune.adapters import tracking as T  # noqa: E402
+from lcl_tune.adapters import spool as S
+from lcl_tune.adapters import tracking as T
 
 DETAILS = {"label_names": ["neg", "pos"], "dev/per_class_f1": {"neg": 0.5, "pos": 0.7}, "dev/confusion": [[3, 1], [1, 3]]}
 
@@ -34,6 +36,7 @@ def test_a_hanging_store_never_blocks_training(target, monkeypatch):
     real = T.execute
     monkeypatch.setattr(T, "execute", lambda rec, state: (answer.wait(), real(rec, state))[1])
     returned = threading.Event()
+    closed: list[bool] = []
 
     def train() -> None:
         run = T.TrialRun(target, "t0", {"seed": 1})
@@ -42,14 +45,15 @@ def test_a_hanging_store_never_blocks_training(target, monkeypatch):
             run.log_details(DETAILS, "seed: 1\n")
         returned.set()
         answer.wait()
-        assert run.close(timeout=60)
+        closed.append(run.close(timeout=60))
 
-    worker = threading.Thread(target=train)
+    worker = threading.Thread(target=train, daemon=True)
     worker.start()
     assert returned.wait(timeout=60), "a tracking call waited on the store"
     assert not answer.is_set() and T.find_runs(target.client(), target.experiment_id, {T.TAG_TRIAL: "t0"}) == []
     answer.set()
     worker.join(timeout=120)
+    assert not worker.is_alive() and closed == [True], "the trial's spool was not sent once the store answered"
     assert _history(target, "t0", "dev/accuracy") == [(s, s / 10) for s in range(1, 6)]
 
 
@@ -119,8 +123,6 @@ def test_the_driver_closes_runs_without_waiting(target, monkeypatch):
 def test_lcl_tune_sync_sends_what_a_study_left_and_writes_its_summary(tmp_path, monkeypatch, capsys):
     """The study ended while the store was down: `lcl-tune sync DIR` sends every spooled record
     and writes the parent run's summary from results.parquet."""
-    import yaml
-
     from lcl_tune.cli.main import main
 
     folder = tmp_path / "runs" / "s"
@@ -137,10 +139,6 @@ def test_lcl_tune_sync_sends_what_a_study_left_and_writes_its_summary(tmp_path, 
     T.close_trial(target, "t9", "completed", cost=T.trial_cost(2.0, 1, 0), step=3)
     assert not run.close(timeout=0.2) and not T.close_driver_sender(target.spool_dir, timeout=0.2)
     monkeypatch.setattr(T, "execute", real)
-    optuna = pytest.importorskip("optuna")
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     journal = optuna.create_study(study_name="s", direction="maximize",  # what the study's searcher kept
                                   storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
     journal.add_trial(optuna.trial.create_trial(
@@ -150,16 +148,15 @@ def test_lcl_tune_sync_sends_what_a_study_left_and_writes_its_summary(tmp_path, 
                    "dev/weighted_f1": 0.3, "step": 3, "wall_s": 2.0, "periods": 3}]).to_parquet(folder / "results.parquet")
 
     assert main(["sync", str(folder)]) == 0
-    out = capsys.readouterr().out
-    assert "s: sent 5 tracking records from 2 spools" in out and "MLflow summary written" in out
+    assert capsys.readouterr().out.splitlines() == ["s: sent 5 tracking records from 2 spools", "s: MLflow summary written"]
     assert _history(target, "t9", "dev/weighted_f1") == [(1, 0.1), (2, 0.2), (3, 0.3)]
     parent = target.client().get_run(target.parent_run_id)
     assert parent.data.tags["lcl_tune.trials"] == "1" and parent.data.tags["lcl_tune.best_trial_id"] == "t9"
-    assert main(["sync", str(folder)]) == 0 and "sent 0 tracking records" in capsys.readouterr().out
+    assert main(["sync", str(folder)]) == 0  # again: nothing left to send, the summary rewritten
+    assert capsys.readouterr().out.splitlines() == ["s: sent 0 tracking records from 0 spools", "s: MLflow summary written"]
 
 
 def test_the_end_of_a_study_waits_a_bounded_time_and_names_what_it_could_not_send(target, monkeypatch, caplog):
-    pytest.importorskip("ray")
     from lcl_tune.adapters.study_runner import wait_for_spools
 
     monkeypatch.setattr(T, "execute", lambda rec, state: (_ for _ in ()).throw(ConnectionError("down")))
@@ -169,5 +166,7 @@ def test_the_end_of_a_study_waits_a_bounded_time_and_names_what_it_could_not_sen
     folder = S.Path(target.spool_dir).parent
     with caplog.at_level("WARNING", logger="lcl_tune"):
         assert wait_for_spools(target, folder, timeout=1.0) is False  # so the summary is left to sync
-    assert "records in 1 spools could not be sent within 1s (trial-t5.jsonl" in caplog.text
-    assert f"lcl-tune sync {folder}" in caplog.text
+    (warning,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tracking: ")]
+    assert warning == (f"tracking: 2 records in 1 spools could not be sent within 1s (trial-t5.jsonl in "
+                       f"{folder / T.SPOOL_DIR}); the results in {folder} are complete. Send them when the server "
+                       f"answers: lcl-tune sync {folder}")

@@ -156,7 +156,6 @@ def test_overrides_reach_study_and_trial_keys(tmp_path):
 
 
 def test_gpu_request_on_a_cpu_cluster_fails_fast():
-    pytest.importorskip("ray")
     from lcl_tune.adapters.study_runner import check_resources
 
     study = load_study(REPO / "search_spaces" / "quickstart.yaml", ["resources.gpu=0.25"], check_files=False)
@@ -190,7 +189,8 @@ def test_validate_cli_is_instant_and_imports_nothing_heavy():
 def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
     """The shipped GoEmotions study (ELECTRA-base + a separate weighting encoder, 2 trials per GPU)
     fits an 80 GiB H100 but not a 24 GiB A10G: the study warns before any trial dies of OOM."""
-    search = pytest.importorskip("lcl_tune.adapters.study_runner")
+    from lcl_tune.adapters import study_runner as search
+
     study = load_study(REPO / "search_spaces" / "goemotions_lcl.yaml", check_files=False)
 
     def cluster(kind):

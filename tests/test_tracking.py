@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlflow")
+from lcl_tune.adapters import tracking as T
+from lcl_tune.schema.trial import ConfigError, TrialConfig
 
-from lcl_tune.adapters import tracking as T  # noqa: E402
-from lcl_tune.schema.trial import ConfigError, TrialConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+REFUSED = f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
 
 DETAILS = {"label_names": ["neg", "pos"], "dev/confusion": [[3, 1], [0, 4]],
            "dev/per_class_f1": {"neg": 0.857, "pos": 0.889}}
@@ -42,7 +44,7 @@ def test_studies_of_one_root_share_one_store_with_an_experiment_each(tmp_path):
     assert a.uri == b.uri == T.default_uri(tmp_path) and a.experiment_id != b.experiment_id
     assert not (tmp_path / "study-a" / "mlflow.db").exists() and not (tmp_path / "study-b" / "mlflow.db").exists()
     client = a.client()
-    assert {e.name for e in client.search_experiments()} >= {"study-a", "study-b"}
+    assert {e.name for e in client.search_experiments()} == {"Default", "study-a", "study-b"}
     assert client.get_experiment(a.experiment_id).artifact_location == (tmp_path / "mlartifacts" / "study-a").as_uri()
     assert T.study_experiment(client, tmp_path / "study-b") == b.experiment_id  # found by folder, not by name
     assert T.find_store(tmp_path) == T.find_store(tmp_path / "study-a") == tmp_path.resolve()
@@ -182,17 +184,131 @@ def test_run_names(flat, name):
     assert T.run_name(flat) == name
 
 
-def test_unreachable_tracking_server_fails_fast():
-    with pytest.raises(ConfigError) as e:
-        T.check_reachable("http://127.0.0.1:9", timeout=2)
-    assert str(e.value).startswith("--tracking-uri: cannot reach the MLflow tracking server at http://127.0.0.1:9")
+def test_unreachable_tracking_server_fails_fast(closed_port):
+    uri = f"http://127.0.0.1:{closed_port}"
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: cannot reach the MLflow tracking server at ") as e:
+        T.check_reachable(uri, timeout=2)
+    assert str(e.value) == (f"--tracking-uri: cannot reach the MLflow tracking server at {uri} ({REFUSED}). Fix: start "
+                            "it (mlflow server --host ... --port ...) or fix the address; leave --tracking-uri out to "
+                            "use the storage root's own SQLite store")
+    assert "\n" not in str(e.value)
 
 
-def test_tune_with_unreachable_server_fails_before_ray(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "tune", str(repo / "search_spaces" / "quickstart.yaml"),
-                           "--storage", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9"],
+def test_tune_with_unreachable_server_fails_before_ray(tmp_path, closed_port):
+    uri = f"http://127.0.0.1:{closed_port}"
+    proc = subprocess.run([sys.executable, "-m", "lcl_tune.cli", "tune", str(REPO / "search_spaces" / "quickstart.yaml"),
+                           "--storage", str(tmp_path), "--tracking-uri", uri],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tracking-uri: cannot reach the MLflow tracking server")
-    assert not (tmp_path / "quickstart" / "ray").exists()  # Ray never started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: --tracking-uri: cannot reach the MLflow tracking server at {uri} ({REFUSED}). Fix: ")
+    assert (tmp_path / "quickstart" / "study.yaml").is_file()  # the study's folder was made...
+    assert not (tmp_path / "quickstart" / "ray").exists()  # ...but Ray never started
+
+
+# --------------------------------------------------------------------------------------------
+# A Ray cluster on several machines needs a tracking server (README: "Fails fast")
+# --------------------------------------------------------------------------------------------
+
+
+def _node(host: str, alive: bool = True) -> dict:
+    """An entry of ray.nodes(), with the keys check_tracking_reach reads."""
+    return {"NodeID": f"{host}-{alive}", "NodeManagerAddress": host, "Alive": alive}
+
+
+SPREAD = [_node("10.0.0.1"), _node("10.0.0.2"), _node("10.0.0.2")]  # three nodes on two machines
+
+
+def test_a_cluster_on_several_machines_with_a_local_store_is_a_one_line_error(tmp_path, monkeypatch):
+    from lcl_tune.adapters import study_runner as SR
+
+    uri = T.default_uri(tmp_path)
+    monkeypatch.setattr(SR.ray, "nodes", lambda: SPREAD)
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: the Ray cluster spans 2 machines") as e:
+        SR.check_tracking_reach(uri)
+    assert str(e.value) == (f"--tracking-uri: the Ray cluster spans 2 machines, and trials on the others cannot reach "
+                            f"the study's local store {uri}. Fix: run an MLflow tracking server and pass "
+                            "--tracking-uri http://HOST:5000")
+    SR.check_tracking_reach("http://head:5000")  # a tracking server: every node reaches it
+    SR.check_tracking_reach("https://mlflow.lab")
+
+
+@pytest.mark.parametrize("nodes", [
+    [_node("10.0.0.1")],
+    [_node("10.0.0.1"), _node("10.0.0.1")],  # two nodes of one machine (ray.cluster_utils.Cluster, test_multinode)
+    [_node("10.0.0.1"), _node("10.0.0.2", alive=False)],  # a machine that left the cluster does not count
+], ids=["one-node", "two-nodes-one-machine", "one-machine-alive"])
+def test_a_cluster_on_one_machine_keeps_its_local_store(tmp_path, monkeypatch, nodes):
+    from lcl_tune.adapters import study_runner as SR
+
+    monkeypatch.setattr(SR.ray, "nodes", lambda: nodes)
+    SR.check_tracking_reach(T.default_uri(tmp_path))  # no error
+
+
+def test_tune_on_several_machines_without_a_tracking_server_stops_before_any_trial(tmp_path, monkeypatch, capsys):
+    """The CLI path: `lcl-tune tune` on such a cluster prints the one-line error and exits 2 before
+    Ray Tune is asked to run anything. Ray is faked: a cluster of two machines with CPUs; the data
+    is not tokenised (nothing depends on it before the check)."""
+    from lcl_tune.adapters import study_runner as SR
+    from lcl_tune.cli.main import main
+
+    def no_tuner(*args, **kwargs):
+        raise AssertionError("Ray Tune was started")
+
+    monkeypatch.setattr(SR, "_init_ray", lambda address: None)
+    monkeypatch.setattr(SR.ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(SR.ray, "nodes", lambda: SPREAD)
+    monkeypatch.setattr(SR, "shared_data", lambda study: (None, None))
+    monkeypatch.setattr(SR.tune, "Tuner", no_tuner)
+    code = main(["tune", str(REPO / "search_spaces" / "quickstart.yaml"), "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    uri = T.default_uri(tmp_path)
+    assert err.strip().splitlines()[-1] == (
+        f"error: --tracking-uri: the Ray cluster spans 2 machines, and trials on the others cannot reach the "
+        f"study's local store {uri}. Fix: run an MLflow tracking server and pass --tracking-uri http://HOST:5000")
+    assert not (tmp_path / "quickstart" / "ray").exists()
+
+
+def test_a_period_run_again_after_a_restore_is_logged_once(tmp_path):
+    """What the kill test meets when the kill falls between a trial's report (logged to MLflow)
+    and Ray's registering its checkpoint: the resumed trial, in a new process, runs that period
+    again and reports it again. MLflow keeps the first report of each step, once."""
+    target = T.start_study("again", tmp_path / "runs" / "again")
+    first = T.TrialRun(target, "t1", {"seed": 1})
+    for step in (10, 20):
+        first.log_report({"dev/weighted_f1": step / 100}, step)
+    assert first.close(timeout=60)  # the process is killed after this: its records were sent
+    again = T.TrialRun(target, "t1", {"seed": 1})  # restored from the checkpoint of step 10 (or none)
+    for step in (10, 20, 30):
+        again.log_report({"dev/weighted_f1": step / 100 + 0.001}, step)
+    assert again.close(timeout=60)
+    history = target.client().get_metric_history(again.run_id, "dev/weighted_f1")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.301)]
+
+
+def test_a_trial_that_takes_over_an_orphan_logs_to_its_run(tmp_path):
+    """A kill just after the driver asked for trial "old" (it opened its run and logged step 10),
+    before Ray saved it: on resume Ray starts "new", which takes over the orphan's Optuna trial
+    (searcher) and, through hand_over_run, its MLflow run. The orphan's spool, replayed at the end,
+    finds the same run. One run for the trial, each step once, nothing soft-deleted."""
+    from mlflow.entities import ViewType
+
+    target = T.start_study("orphan", tmp_path / "runs" / "orphan")
+    old = T.TrialRun(target, "old", {"seed": 1})
+    old.log_report({"dev/weighted_f1": 0.1}, 10)
+    assert old.close(timeout=60)
+    T.hand_over_run(target, "old", "new")
+    new = T.TrialRun(target, "new", {"seed": 1})  # no checkpoint: it starts again at step 10
+    for step in (10, 20):
+        new.log_report({"dev/weighted_f1": step / 100 + 0.001}, step)
+    assert new.close(timeout=60) and new.run_id == old.run_id
+    replay = T.TrialRun(target, "old", {"seed": 1})  # the orphan's spool sent again (lcl-tune sync, the drain)
+    replay.log_report({"dev/weighted_f1": 0.1}, 10)
+    assert replay.close(timeout=60) and replay.run_id == old.run_id
+    client = target.client()
+    runs = client.search_runs([target.experiment_id], run_view_type=ViewType.ALL)
+    assert [r.data.tags.get(T.TAG_TRIAL) for r in runs if r.data.tags.get("lcl_tune.role") == "trial"] == ["new"]
+    history = client.get_metric_history(new.run_id, "dev/weighted_f1")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.201)]
+    assert T.drop_superseded(target, {"new"}) == 0

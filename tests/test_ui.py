@@ -33,9 +33,8 @@ from mlflow.tracking import MlflowClient
 from lcl_tune.adapters import tracking as T
 from lcl_tune.cli.main import main as cli_main
 from lcl_tune.schema.trial import ConfigError, TrialConfig
-from lcl_tune.cli.ui import UIServer, resolve_store, serve, server_command, start_ui
+from lcl_tune.cli.ui import FIX, UIServer, UIStartError, resolve_store, serve, server_command, start_ui
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 TRIALS = [(0.1, "separate"), (0.3, "ema"), (0.5, "uniform"), (0.2, "self")]  # (loss.temperature, weighting.name)
@@ -86,6 +85,18 @@ def make_study(folder: Path, name: str = "ui-demo", trials: list[tuple[float, st
     return FakeStudy(folder, target, name, names, run_ids)
 
 
+def start_ui_on_a_free_port(*args, attempts: int = 5, **kwargs) -> UIServer:
+    """``start_ui(..., port=0)``: the OS gives a free port, which start_ui releases for mlflow to bind; if
+    something else took it meanwhile (mlflow: "address already in use"), again, on another port."""
+    for _ in range(attempts - 1):
+        try:
+            return start_ui(*args, port=0, **kwargs)
+        except UIStartError as e:
+            if "address already in use" not in str(e):
+                raise
+    return start_ui(*args, port=0, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> FakeStudy:
     return make_study(tmp_path_factory.mktemp("ui") / "ui-demo")
@@ -93,7 +104,7 @@ def study(tmp_path_factory) -> FakeStudy:
 
 @pytest.fixture(scope="module")
 def ui(study) -> UIServer:
-    server = start_ui(study.folder, port=0)
+    server = start_ui_on_a_free_port(study.folder)
     try:
         yield server
     finally:
@@ -114,28 +125,27 @@ def _one_line_error(call) -> str:
     return msg
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def test_serve_rejects_bad_input_before_starting_anything(tmp_path, study, capsys):
+    empty = tmp_path.resolve()
     msg = _one_line_error(lambda: serve(study_dir=str(tmp_path), tracking_uri=None))
-    assert msg.startswith("study_dir: ") and str(tmp_path.resolve()) in msg and "mlflow.db" in msg
+    assert msg.startswith(f"study_dir: neither {empty} nor its parent holds an mlflow.db. Fix: pass a storage root")
     msg = _one_line_error(lambda: serve(study_dir=str(study.folder) + "x", tracking_uri=None))  # a typo
-    assert "does not exist" in msg and f"did you mean {study.folder.name}?" in msg
-    assert "not a URI" in _one_line_error(lambda: serve(study_dir=None, tracking_uri=str(study.folder)))
-    assert "exactly one" in _one_line_error(lambda: serve(study_dir=str(study.folder), tracking_uri=study.target.uri))
-    assert "neither" in _one_line_error(lambda: serve(study_dir=None, tracking_uri=None))
+    assert msg == f"study_dir: {study.folder.resolve()}x does not exist. Fix: did you mean {study.folder.name}?"
+    msg = _one_line_error(lambda: serve(study_dir=None, tracking_uri=str(study.folder)))
+    assert msg.startswith(f"--tracking-uri: {str(study.folder)!r} is not a URI. Fix: ")
+    msg = _one_line_error(lambda: serve(study_dir=str(study.folder), tracking_uri=study.target.uri))
+    assert msg.startswith("study_dir: give exactly one of a folder or --tracking-uri (both were given). Fix: ")
+    msg = _one_line_error(lambda: serve(study_dir=None, tracking_uri=None))
+    assert msg.startswith("study_dir: give exactly one of a folder or --tracking-uri (neither was given). Fix: ")
     msg = _one_line_error(lambda: serve(study_dir=None, tracking_uri=f"sqlite:///{tmp_path}/missing.db"))
-    assert msg.startswith("--tracking-uri: ") and "missing.db" in msg
+    assert msg == (f"--tracking-uri: no SQLite store at {empty / 'missing.db'}. "
+                   "Fix: fix the path (sqlite:////abs/mlflow.db)")
     assert capsys.readouterr().err == ""  # nothing was started, so nothing was announced
 
     # the CLI prints the error on one line and exits 2
     assert cli_main(["ui", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: study_dir: ") and "\n" not in err
+    err = capsys.readouterr().err
+    assert err == f"error: study_dir: neither {empty} nor its parent holds an mlflow.db. Fix: {FIX}\n"
 
 
 def test_port_in_use_is_a_config_error(study):
@@ -159,7 +169,8 @@ def test_exposing_the_ui_warns_that_it_has_no_authentication(study, capsys):
         return [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
 
     (warning,) = warnings_for("0.0.0.0")
-    assert "--host 0.0.0.0" in warning and "no authentication" in warning and "read, edit and delete runs" in warning
+    assert warning == ("warning: --host 0.0.0.0 exposes the MLflow UI, which has no authentication: anyone who "
+                       "reaches its port can read, edit and delete runs")
     assert warnings_for("127.0.0.1") == []
 
 
@@ -214,6 +225,70 @@ def _read_lines(stream, into: queue.Queue) -> None:
     into.put(None)
 
 
+def _wait_until(condition, timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not so after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+@dataclass
+class CliUI:
+    """A running ``lcl-tune ui``: its process, port, the stdout lines up to "Press Ctrl-C", and its
+    stderr, read all along by ``stderr_reader`` (a full pipe would block the child's shutdown)."""
+    proc: subprocess.Popen
+    port: int
+    out: list[str]
+    errors: list[str]
+    stderr_reader: threading.Thread
+
+
+PORT_TAKEN = ("--port: cannot listen on", "address already in use")  # lcl-tune's check, or mlflow's own bind
+
+
+def _start_cli_ui(folder: Path, attempts: int = 5) -> CliUI:
+    """``lcl-tune ui FOLDER --port P``, P a port the OS gave as free, up to its "Press Ctrl-C" line. The
+    port is free when chosen but not held (the CLI must bind it itself): when something else took it
+    first, the CLI says so and exits, and it is started again on another port."""
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # started the way a shell without job control starts a background job: with SIGINT ignored
+        proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "ui", str(folder), "--port", str(port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+        errors: list[str] = []
+        stderr_reader = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
+        stderr_reader.start()
+        out, deadline = [], time.monotonic() + 120
+        try:
+            while not any("Ctrl-C" in line for line in out):
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    break
+                out.append(line)
+            else:
+                return CliUI(proc, port, out, errors, stderr_reader)
+        except queue.Empty:
+            proc.kill()
+            proc.wait(timeout=30)
+            _kill_servers_on(port)  # the server the CLI may have started, in its own session
+            pytest.fail(f"lcl-tune ui printed no 'Press Ctrl-C' line in 120 s:\n{''.join(out)}{''.join(errors)}")
+        finally:
+            if proc.poll() is None and not any("Ctrl-C" in line for line in out):
+                proc.kill()
+        proc.wait(timeout=30)
+        stderr_reader.join(timeout=30)
+        _kill_servers_on(port)
+        if not any(taken in "".join(errors) for taken in PORT_TAKEN):
+            pytest.fail(f"lcl-tune ui exited early ({proc.returncode}):\n{''.join(out)}{''.join(errors)}")
+    pytest.fail(f"{attempts} ports in a row were taken before lcl-tune ui could bind them")
+
+
 def _kill_servers_on(port: int) -> None:
     """Last resort if the CLI could not stop its own server: kill, by pid, the processes whose
     command line serves this (test-chosen, otherwise unused) port."""
@@ -230,24 +305,15 @@ def _kill_servers_on(port: int) -> None:
 
 
 def test_cli_ui_binds_loopback_prints_the_runs_url_and_stops_on_ctrl_c(study):
-    port = _free_port()
-    # started the way a shell without job control starts a background job: with SIGINT ignored
-    proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.cli", "ui", str(study.folder), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
-    errors: list[str] = []  # drained all along: a full stderr pipe would block the child's shutdown
-    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
+    ui = _start_cli_ui(study.folder)
+    proc, port = ui.proc, ui.port
     try:
-        out, deadline = [], time.monotonic() + 120
-        while not any("Ctrl-C" in line for line in out):
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            assert line is not None, f"lcl-tune ui exited early: {proc.wait()}\n{''.join(out)}{''.join(errors)}"
-            out.append(line)
-        text = "".join(out)
-        expected = f"http://127.0.0.1:{port}/#/experiments/{study.target.experiment_id}/runs"
-        assert f"runs  {expected}" in text and f"home  http://127.0.0.1:{port}/" in text, text
+        root = study.folder.parent  # the storage root, whose store holds the study
+        assert ui.out == [f"MLflow UI for {study.folder}\n",
+                          f"  runs  http://127.0.0.1:{port}/#/experiments/{study.target.experiment_id}/runs\n",
+                          f"  home  http://127.0.0.1:{port}/\n",
+                          f"  log   {root / 'mlflow_ui.log'}\n",
+                          "Press Ctrl-C to stop the server.\n"], "".join(ui.out)
 
         assert _listeners(port) == {"127.0.0.1"}  # loopback only, no 0.0.0.0 and no IPv6 wildcard
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
@@ -255,9 +321,10 @@ def test_cli_ui_binds_loopback_prints_the_runs_url_and_stops_on_ctrl_c(study):
 
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: it stops the UI even though it started ignored
         assert proc.wait(timeout=90) == 0  # graceful stop, or a kill after ui.STOP_TIMEOUT_S
-        time.sleep(0.5)  # let the reader thread collect the last lines
-        assert "stopping the MLflow UI" in "".join(errors), "".join(errors)[-2000:]
-        assert _listeners(port) == set()  # the server went with it
+        ui.stderr_reader.join(timeout=30)  # the pipe closes with the process: every line is in
+        assert not ui.stderr_reader.is_alive(), "lcl-tune ui's stderr stayed open after it exited"
+        assert "stopping the MLflow UI ...\n" in ui.errors, "".join(ui.errors)[-2000:]
+        _wait_until(lambda: _listeners(port) == set(), 30, f"nothing listens on port {port} any more")
     finally:
         if proc.poll() is None:
             proc.terminate()  # serve() treats SIGTERM like Ctrl-C and stops its server
@@ -297,7 +364,7 @@ def test_ui_serves_the_study_runs_url_and_a_child_runs_artifacts(ui, study):
 
 def test_serve_points_at_a_running_server_without_starting_one(ui, study, capsys):
     assert serve(study_dir=None, tracking_uri=ui.url) == 0  # prints its URLs and returns: nothing to wait for
-    assert f"runs  {ui.runs_url}" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"MLflow UI for {ui.url}\n  runs  {ui.runs_url}\n  home  {ui.url}/\n"
     handle = start_ui(tracking_uri=ui.url)
     assert isinstance(handle, UIServer) and handle.process is None
     assert handle.runs_url == ui.runs_url  # the study's experiment, found through the server
@@ -316,7 +383,7 @@ class Chromium:
     budget, it waits for the single-page app's data to arrive and can click like a user: the
     parent run's children are collapsed until its expander is clicked."""
 
-    def __init__(self, width: int = 1400, height: int = 900):
+    def __init__(self, binary: str, width: int = 1400, height: int = 900):
         self.profile = tempfile.TemporaryDirectory(prefix="lcl-chromium-")
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
@@ -328,7 +395,7 @@ class Chromium:
             os.dup2(child_out, 4)
 
         self.proc = subprocess.Popen(
-            [str(CHROMIUM), *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}",
+            [binary, *CHROMIUM_FLAGS, "--remote-debugging-pipe", f"--user-data-dir={self.profile.name}",
              f"--window-size={width},{height}", "about:blank"],
             preexec_fn=onto_fds_3_and_4, close_fds=False, start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -404,6 +471,12 @@ RUN_LINKS = "[...document.querySelectorAll('a[href*=\"/runs/\"]')].map(a => a.in
 EXPANDER = "document.querySelector('button[data-component-id*=\"runnamecellrenderer\"]')"
 SIDEBAR_TOGGLE = "document.querySelector('[aria-label=\"Toggle sidebar\"]')"
 ASSISTANT_CLOSE = "document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')"
+# True once the table's column headers have kept their places and widths for three polls in a row
+SETTLED = ("(() => { const h = [...document.querySelectorAll('[role=\"columnheader\"]')].map(e => {"
+           " const r = e.getBoundingClientRect(); return [Math.round(r.left), Math.round(r.width)] });"
+           " const s = JSON.stringify([document.body.scrollWidth, h]); const last = window.__lclLayout;"
+           " window.__lclLayout = {s, n: last && last.s === s ? last.n + 1 : 0};"
+           " return h.length > 0 && window.__lclLayout.n >= 2 })()")
 # Columns of a study's runs table, {column id: width}: the study metric (on the parent), the trial
 # metrics, the searched parameters and the trial outcome.
 STUDY_COLUMNS = {"metrics.`best/dev/weighted_f1`": 145, "metrics.`dev/weighted_f1`": 120, "metrics.`dev/accuracy`": 105,
@@ -426,11 +499,11 @@ def seed_view(browser: Chromium, runs_url: str, columns: dict[str, int]) -> None
     browser.js(";".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)})" for k, v in items.items()))
 
 
-def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], png: Path,
+def capture_runs_page(chromium: str, runs_url: str, parent_name: str, child_names: list[str], png: Path,
                       columns: dict[str, int] = STUDY_COLUMNS) -> dict:
     """Open the runs table, expand the study's parent run, shut the side panels, and screenshot it. Returns the run links seen before and after expanding, and every URL
     the page requested."""
-    browser = Chromium()
+    browser = Chromium(chromium)
     try:
         seed_view(browser, runs_url, columns)
         browser.requests.clear()
@@ -445,7 +518,10 @@ def capture_runs_page(runs_url: str, parent_name: str, child_names: list[str], p
         browser.wait_for(f"(() => {{ const b = {ASSISTANT_CLOSE}; if (b) b.click(); return b === null }})()", 10,
                          "the assistant panel closed")
         browser.js(f"{SIDEBAR_TOGGLE}?.click()")  # the navigation sidebar's width goes to the table
-        time.sleep(1.0)  # let the table settle (column layout, colours) before the screenshot
+        try:  # the screenshot is for the record (no check reads it): taken once the table settled, or anyway
+            browser.wait_for(SETTLED, 15, "the table's columns settled")
+        except TimeoutError:
+            pass
         browser.screenshot(png)
         return {"collapsed": collapsed, "expanded": expanded, "requests": list(browser.requests)}
     finally:
@@ -459,11 +535,9 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 @pytest.mark.slow
-def test_browser_shows_the_parent_run_with_its_nested_trial_runs(ui, study):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does) to run the browser test")
+def test_browser_shows_the_parent_run_with_its_nested_trial_runs(ui, study, chromium):
     png = study.folder / "mlflow_runs.png"
-    seen = capture_runs_page(ui.runs_url, study.parent_name, study.child_names, png)
+    seen = capture_runs_page(chromium, ui.runs_url, study.parent_name, study.child_names, png)
 
     # nested: the children are hidden under the collapsed parent, and listed after it once expanded
     assert study.parent_name in seen["collapsed"]
@@ -491,18 +565,16 @@ EXPERIMENT_LINKS = ("Object.fromEntries([...document.querySelectorAll('a[href*=\
 
 
 @pytest.mark.slow
-def test_a_storage_root_shows_every_study_as_an_experiment_in_the_browser(tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: apt-get install chromium (.ci/run does) to run the browser test")
+def test_a_storage_root_shows_every_study_as_an_experiment_in_the_browser(tmp_path, chromium):
     root = tmp_path / "lcl_runs"
     studies = [make_study(root / name, name, trials=TRIALS[:2]) for name in ("quickstart-a", "quickstart-b")]
     a, b = studies
     assert a.target.uri == b.target.uri == T.default_uri(root) and a.target.experiment_id != b.target.experiment_id
 
-    with start_ui(root, port=0) as ui:
+    with start_ui_on_a_free_port(root) as ui:
         assert (root / "mlflow_ui.log").is_file()  # the server's log, next to the store
         assert ui.runs_url == f"{ui.url}/#/experiments"  # a root: the experiments list
-        browser = Chromium()
+        browser = Chromium(chromium)
         try:
             browser.call("Page.navigate", url=ui.runs_url)
             want = json.dumps({f"#/experiments/{s.target.experiment_id}": s.parent_name for s in studies})
@@ -515,9 +587,9 @@ def test_a_storage_root_shows_every_study_as_an_experiment_in_the_browser(tmp_pa
     assert not ui.running
 
     # one study folder of the root: the same store, and that study's runs table
-    with start_ui(root / "quickstart-a", port=0) as ui:
+    with start_ui_on_a_free_port(root / "quickstart-a") as ui:
         assert ui.runs_url == f"{ui.url}/#/experiments/{a.target.experiment_id}/runs"
-        browser = Chromium()
+        browser = Chromium(chromium)
         try:
             seed_view(browser, ui.runs_url, STUDY_COLUMNS)
             browser.call("Page.navigate", url=ui.runs_url)
@@ -540,7 +612,7 @@ def test_a_legacy_study_folder_with_its_own_store_still_opens(tmp_path):
     make_study(tmp_path / "new-study", "new-study", trials=TRIALS[:1])  # the root's shared store
     assert (tmp_path / "mlflow.db").is_file()
 
-    with start_ui(legacy, port=0) as ui:
+    with start_ui_on_a_free_port(legacy) as ui:
         assert ui.runs_url == f"{ui.url}/#/experiments/{old.target.experiment_id}/runs"
         names = {e.name for e in MlflowClient(ui.url).search_experiments()}
         assert names == {"Default", "old-study"}, names  # its own store, not the root's

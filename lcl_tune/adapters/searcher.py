@@ -27,7 +27,7 @@ import inspect
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lcl_tune.analysis import progress as P
 from lcl_tune.schema.study import Param, Study
@@ -172,9 +172,11 @@ class StudySearcher(Searcher):
     """Ray Tune searcher over an Optuna study in ``journal`` (``None``: in memory), asking for each
     new Ray trial and telling each result (see the module docstring)."""
 
-    def __init__(self, study: Study, journal: str | Path | None = None):
+    def __init__(self, study: Study, journal: str | Path | None = None,
+                 on_takeover: Callable[[str, str], None] | None = None):
         super().__init__(metric=study.tune_metric, mode=study.mode)
         self.study, self.journal = study, (str(journal) if journal is not None else None)
+        self.on_takeover = on_takeover  # (previous Ray trial id, new one) when an orphan is taken over
         self.space = DefineByRun(study.params)
         self.numbers: dict[str, int] = {}  # Ray trial id -> Optuna trial number
         self.told: set[str] = set()
@@ -208,6 +210,10 @@ class StudySearcher(Searcher):
             return dict(self.ostudy.get_trials(deepcopy=False)[self.numbers[trial_id]].params)
         orphan = self._orphan()
         trial = optuna.trial.Trial(self.ostudy, orphan._trial_id) if orphan is not None else self.ostudy.ask()
+        previous = orphan.user_attrs.get(RAY_TRIAL_ATTR) if orphan is not None else None
+        on_takeover = getattr(self, "on_takeover", None)  # absent from a searcher pickled by 0.2.0
+        if previous and on_takeover is not None:  # before the new trial starts: it opens that run
+            on_takeover(previous, trial_id)
         trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         params = self.space(trial)  # an orphan's parameters are suggested again: Optuna returns its own
         self.numbers[trial_id], self._trials[trial_id] = trial.number, trial

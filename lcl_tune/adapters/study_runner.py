@@ -157,7 +157,8 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
         slots = parallel_slots(study.max_concurrent, cluster, study.cpu, study.gpu)
         run_config = _run_config(study, place.ray_storage, verbose,
                                  [TrialOutcomes(target, study), study_progress(study, folder, slots)], folder)
-        tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal"), run_config=run_config)
+        tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal", target),
+                           run_config=run_config)
     start = time.time()
     with showing_progress(folder):
         grid = tuner.fit()
@@ -233,7 +234,9 @@ def _init_ray(address: str | None) -> None:
         return
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster bound to localhost
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a new one, even when another Ray cluster runs on this machine (ray.init() would
+        # join the one /tmp/ray/ray_current_cluster names; joining one takes --address auto)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         env = {k: os.environ[k] for k in (DATA_ENV,) if k in os.environ}  # the cluster's workers read data there too
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
@@ -310,8 +313,17 @@ def shared_data(study: Study) -> tuple[Any, Any]:
     return prepare_trial_data(study.trial_config(probe))
 
 
-def _tune_config(study: Study, journal: Path) -> "tune.TuneConfig":
-    searcher = StudySearcher(study, journal)
+def hand_over_run(target: "T.TrackingTarget", previous: str, trial_id: str) -> None:
+    """The searcher's takeover of an orphaned trial, in MLflow: the new Ray trial logs to the run
+    the orphan opened (:func:`~lcl_tune.adapters.tracking.hand_over_run`). If the store does not
+    answer, the orphan's run is left behind, and the summary marks it superseded."""
+    warn_on_error(functools.partial(T.hand_over_run, target, previous, trial_id),
+                  f"handing the MLflow run of trial {previous} to trial {trial_id}")
+
+
+def _tune_config(study: Study, journal: Path, target: "T.TrackingTarget") -> "tune.TuneConfig":
+    # pickled with the experiment: a resumed study's searcher hands runs over too
+    searcher = StudySearcher(study, journal, on_takeover=functools.partial(hand_over_run, target))
     return tune.TuneConfig(metric=study.tune_metric, mode=study.mode, search_alg=searcher,
                            scheduler=make_scheduler(study), num_samples=study.num_samples,
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)

@@ -48,6 +48,7 @@ TAG_ROLE = "lcl_tune.role"  # study | trial (ablation | arm | seed for ablations
 TAG_STUDY = "lcl_tune.study"
 TAG_FOLDER = "lcl_tune.folder"  # the study folder: tells two studies of the same name apart
 TAG_TRIAL = "lcl_tune.trial_id"
+TAG_PREVIOUS = "lcl_tune.previous_trial_id"  # the Ray trial whose run a takeover handed on (hand_over_run)
 TAG_STATUS = "lcl_tune.status"
 TAG_STOPPED = "lcl_tune.stopped_early"
 TAG_ERROR = "lcl_tune.error"
@@ -337,12 +338,20 @@ def execute(record: dict[str, Any], state: dict[str, Any]) -> None:
     target = TrackingTarget(**state["target"])
     client = target.client()
     if op == "open":
-        state["run_id"] = _open_trial_run(client, target, a["trial_id"], a["name"], a["tags"], a["params"],
-                                          a.get("ts"))
+        run_id, found = _open_trial_run(client, target, a["trial_id"], a["name"], a["tags"], a["params"], a.get("ts"))
+        if state.get("run_id") != run_id:  # a run this spool has not logged to: what it holds already counts
+            state["logged_step"] = _last_logged_step(client, run_id) if found else -1
+        state["run_id"] = run_id
     elif op == "metrics":
+        # A period run again (a trial restored from a checkpoint older than its last report: a kill
+        # between the report and Ray's registering its checkpoint) was logged already: each step once.
+        last = max((step for _, _, _, step in a["metrics"]), default=None)
+        if last is None or last <= state.get("logged_step", -1):
+            return
         batch = [Metric(k, v, ts, step) for k, v, ts, step in a["metrics"]]
         for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics per batch
             client.log_batch(state["run_id"], metrics=batch[i:i + 1000])
+        state["logged_step"] = last  # kept with the spool's acknowledgement, so a restored trial's process knows it
     elif op == "artifacts":
         if Path(a["dir"]).is_dir():  # its folder goes only after it was sent and acknowledged
             client.log_artifacts(state["run_id"], a["dir"])
@@ -353,20 +362,42 @@ def execute(record: dict[str, Any], state: dict[str, Any]) -> None:
 
 
 def _open_trial_run(client: MlflowClient, target: TrackingTarget, trial_id: str, name: str,
-                    tags: Mapping[str, str], params: Mapping[str, str], opened_ms: int | None = None) -> str:
-    """The run of ``trial_id`` (found by its tag: a retry or a replay finds the same one), else a
-    new one. A found run is marked running again, unless it was closed after this open was
+                    tags: Mapping[str, str], params: Mapping[str, str], opened_ms: int | None = None) -> tuple[str, bool]:
+    """The run of ``trial_id`` (found by its tag: a retry or a replay finds the same one; a replay
+    of a trial whose run was handed over, by :data:`TAG_PREVIOUS`), else a new one; and whether it
+    was found. A found run is marked running again, unless it was closed after this open was
     journalled (a replay after the driver's close was sent): its outcome stands."""
-    found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+    found = (find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+             or find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_PREVIOUS: trial_id}))
     if found:
         run = found[0]
         if not (opened_ms and run.info.end_time and run.info.end_time >= opened_ms):
             client.update_run(run.info.run_id, status="RUNNING")
             client.set_tag(run.info.run_id, TAG_STATUS, "running")
-        return run.info.run_id
+        return run.info.run_id, True
     run_id = client.create_run(target.experiment_id, run_name=name, tags=dict(tags)).info.run_id
     log_params(client, run_id, params)
-    return run_id
+    return run_id, False
+
+
+def _last_logged_step(client: MlflowClient, run_id: str) -> int:
+    """The last step a found run holds (-1: none). Reports log every metric at their step, so the
+    steps of one metric are those of all: a report at or below it was logged already."""
+    metrics = client.get_run(run_id).data.metrics
+    if not metrics:
+        return -1
+    return max((m.step for m in client.get_metric_history(run_id, next(iter(metrics)))), default=-1)
+
+
+def hand_over_run(target: TrackingTarget, previous: str, trial_id: str) -> None:
+    """A Ray trial that takes over an orphaned Optuna trial (one its driver asked just before it was
+    killed, which Ray's saved state does not know; see ``StudySearcher._orphan``) takes over its
+    MLflow run too, so each trial is one run: the run is re-tagged with the new Ray trial id before
+    the new trial opens it. The Optuna trial number is the trial's identity; Ray ids are aliases."""
+    client = target.client()
+    for run in find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: previous}):
+        client.set_tag(run.info.run_id, TAG_PREVIOUS, previous)
+        client.set_tag(run.info.run_id, TAG_TRIAL, trial_id)
 
 
 def drain_spools(folder: Path, timeout: float) -> dict[str, int]:

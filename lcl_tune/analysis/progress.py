@@ -524,13 +524,15 @@ def status_report(folder: str | os.PathLike, snap: dict | None = None, now: floa
     return "\n".join([f"{folder}: {state_line(snap, now)}", render(snap, now, width, height), *tuning])
 
 
-def watch_status(folder: str | os.PathLike, stream: IO[str], every: float | None = None) -> None:
+def watch_status(folder: str | os.PathLike, stream: IO[str], every: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
     """Print :func:`status_report` once, or every ``every`` seconds until the study ends or its
-    driver is gone (redrawn in place on a terminal, appended otherwise); Ctrl-C stops watching."""
+    driver is gone (redrawn in place on a terminal, appended otherwise); Ctrl-C stops watching.
+    ``clock``: the wall clock "updated 3s ago" and the ETA are computed against (tests fix it)."""
     live = LiveView(stream, min_interval=0.0) if every and is_terminal(stream) else None
     try:
         while True:
-            snap, now = load_status(folder), time.time()
+            snap, now = load_status(folder), clock()
             width, height = terminal_size() if live else (None, None)
             text = status_report(folder, snap, now, width, None if height is None else height - 1)
             if live:

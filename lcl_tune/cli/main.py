@@ -17,6 +17,8 @@ from pathlib import Path
 from lcl_tune.schema.trial import DATA_ENV, ConfigError
 from lcl_tune.util import json_safe, log, redact, write_json
 
+ADDRESS_HELP = "Ray cluster address, or auto for the one running on this machine (default: start a new local Ray)"
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lcl_tune.schema import trial as C
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("ablation", help="ablation YAML (see search_spaces/ablation_*.yaml)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override seeds=[1,2], a trial key, ...")
     a.add_argument("--storage", default="lcl_runs")
-    a.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    a.add_argument("--address", help=ADDRESS_HELP)
     a.add_argument("--tracking-uri", help="MLflow tracking server (default: the SQLite store STORAGE/mlflow.db)")
     a.add_argument("--final", action="store_true",
                    help="then train each arm's selected configuration on every seed again and evaluate the test split "
@@ -321,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default="lcl_runs", help="folder holding studies (default ./lcl_runs)")
     s.add_argument("--name", help="study name (default: the YAML's name); the study lives in STORAGE/NAME")
     s.add_argument("--resume", action="store_true", help="continue an interrupted study")
-    s.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    s.add_argument("--address", help=ADDRESS_HELP)
     s.add_argument("--tracking-uri", help="MLflow tracking server, e.g. http://head:5000 "
                    "(default: the SQLite store STORAGE/mlflow.db, shared by the studies of STORAGE)")
     s.set_defaults(func=cmd_tune)

@@ -643,10 +643,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
-        problem = str(getattr(e, "problem", None) or e).split("\n")[0]
+        problem, fix = str(getattr(e, "problem", None) or e).split("\n")[0], "fix the syntax"
         if "constructor for the tag" in problem:
             problem = f"tag {problem.rsplit(' ', 1)[-1]} is not allowed (YAML is read with the safe loader)"
-        raise ConfigError(where, f"not valid YAML ({problem})", "fix the syntax", source=str(path)) from None
+            fix = "remove the tag and write a plain value"
+        raise ConfigError(where, f"not valid YAML ({problem})", fix, source=str(path)) from None
     if not isinstance(tree, dict):
         raise ConfigError("<top>", f"expected a mapping of settings, got {type(tree).__name__}",
                           "write key: value pairs", source=str(path))

@@ -14,6 +14,12 @@ Several rules are separated by ``;``. Keys are the dotted trial-config keys.
 
 ``LCL_TUNE_PERIOD_S=S`` (alone or with the rules) makes every evaluation period last at least S
 seconds, as a real trial's would: long enough studies for outage tests, on a tiny model.
+
+``LCL_TUNE_TRACE_TOKENISE=FILE`` (alone or with the others) appends one line per event to FILE, from
+every process: ``tokenise <pid> <rows>`` each time a split is tokenised
+(:func:`lcl_tune.core.data.tokenize_split`), ``trainer <pid>`` each time a
+:class:`~lcl_tune.core.engine.Trainer` is built (before it prepares any data of its own). Lines are
+appended with one ``write`` each (``O_APPEND``), so the file holds the events in the order they happened.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import sys
 
 FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
 PERIOD_ENV = "LCL_TUNE_PERIOD_S"
-TARGET = "lcl_tune.core.engine"
+TRACE_ENV = "LCL_TUNE_TRACE_TOKENISE"
+ENGINE, DATA = "lcl_tune.core.engine", "lcl_tune.core.data"
 
 
 def _rules() -> list[tuple[str, str, int | None, bool]]:
@@ -48,6 +55,34 @@ def _maybe_fail(flat: dict, period: int, resumed: bool) -> None:
             where = f" at period {at}" if at is not None else ""
             message = f"injected failure for {key}={value}{where} ({FAIL_ENV})"
             raise torch.cuda.OutOfMemoryError(message) if oom else RuntimeError(message)
+
+
+def _trace(event: str, *details: object) -> None:
+    fd = os.open(os.environ[TRACE_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (" ".join(map(str, (event, os.getpid(), *details))) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _patch_trace_engine(engine) -> None:
+    init = engine.Trainer.__init__
+
+    def traced_init(self, *args, **kwargs):
+        _trace("trainer")
+        return init(self, *args, **kwargs)
+
+    engine.Trainer.__init__ = traced_init
+
+
+def _patch_trace_data(data) -> None:
+    tokenize_split = data.tokenize_split
+
+    def traced_tokenize_split(split, *args, **kwargs):
+        _trace("tokenise", len(split))
+        return tokenize_split(split, *args, **kwargs)
+
+    data.tokenize_split = traced_tokenize_split
 
 
 def _patch(engine) -> None:
@@ -75,10 +110,13 @@ def _patch(engine) -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds the engine module with the normal machinery, then patches it right after it runs."""
+    """Finds a patched module with the normal machinery, then patches it right after it runs."""
+
+    def __init__(self, patches: dict):
+        self.patches = patches  # module name -> functions that patch it
 
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        if name not in self.patches:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -87,11 +125,18 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_patch(module):
             exec_module(module)
-            _patch(module)
+            for patch in self.patches[name]:
+                patch(module)
 
         spec.loader.exec_module = exec_and_patch
         return spec
 
 
+_patches: dict = {}
+if os.environ.get(TRACE_ENV):
+    _patches.setdefault(ENGINE, []).append(_patch_trace_engine)
+    _patches.setdefault(DATA, []).append(_patch_trace_data)
 if os.environ.get(FAIL_ENV) or os.environ.get(PERIOD_ENV):
-    sys.meta_path.insert(0, _PatchOnImport())
+    _patches.setdefault(ENGINE, []).append(_patch)
+if _patches:
+    sys.meta_path.insert(0, _PatchOnImport(_patches))

@@ -38,8 +38,9 @@ def built_device(monkeypatch):
     seen = {}
 
     class Trainer:
-        def __init__(self, cfg, **kwargs):
-            seen["device"] = engine.pick_device(cfg.train.device)
+        def __init__(self, cfg, device=None, **kwargs):
+            seen["device"] = engine.pick_device(device or cfg.train.device)
+            seen["recorded"] = cfg.train.device
             raise Built
 
     monkeypatch.setattr(engine, "Trainer", Trainer)
@@ -49,6 +50,7 @@ def built_device(monkeypatch):
                            check_files=False)
         with pytest.raises(Built):
             trainable.lcl_trainable({}, study)
+        assert seen["recorded"] == device  # the trial's config keeps `auto`: its export runs anywhere
         return seen["device"]
 
     return run

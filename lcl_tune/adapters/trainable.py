@@ -47,6 +47,13 @@ def lcl_trainable(params: dict[str, Any], study: Study, data: Any = None, w_data
         _run_trial(params, study, cfg, data, w_data, tracking)
 
 
+def trial_device(device: str, gpus: float) -> str:
+    """``auto`` is the CPU for a trial that reserved no GPU. Ray sets ``CUDA_VISIBLE_DEVICES`` only
+    for trials that reserved one: on a GPU node such a trial sees every GPU, and ``auto`` would put
+    it on GPU 0 (a CPU ablation, with no concurrency cap, one CUDA context per CPU on one card)."""
+    return "cpu" if device == "auto" and gpus <= 0 else device
+
+
 def complete_log_streams() -> None:
     """Ray's ``log_to_file`` swaps ``sys.stdout``/``sys.stderr`` for a ``Tee`` that has no
     ``isatty()``; a library that asks (transformers' loading report does, whenever a pretrained
@@ -72,7 +79,7 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
     threads = max(1, int(study.cpu)) if cfg.train.device in ("auto", "cpu") else None
     if threads and not cfg.train.threads:
         cfg.train.threads = threads  # a trial uses the CPUs it reserved, no more (trials share nodes)
-    trainer = Trainer(cfg, data=data, w_data=w_data, progress=False)
+    trainer = Trainer(cfg, data=data, w_data=w_data, progress=False, device=trial_device(cfg.train.device, study.gpu))
     config_yaml = cfg.to_yaml()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:

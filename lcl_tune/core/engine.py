@@ -99,14 +99,16 @@ class Trainer:
     """One fine-tuning run. Build it, then iterate :meth:`run` or call :meth:`fit`."""
 
     def __init__(self, cfg: TrialConfig, data: PreparedData | None = None, w_data: PreparedData | None = None,
-                 *, log: Callable[[str], None] | None = None, progress: bool = True):
+                 *, log: Callable[[str], None] | None = None, progress: bool = True, device: str | None = None):
+        """``device`` overrides ``cfg.train.device`` without changing the config the trial records
+        (the trainable's choice from what the trial reserved; see ``adapters.trainable.trial_device``)."""
         self.cfg = cfg
         self.log = log or logger.info
         self.progress = progress
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.device = pick_device(t.device)
+        self.device = pick_device(device or t.device)
         self.use_bf16 = t.precision == "bf16" and self.device.type == "cuda"
         if t.precision == "bf16" and not self.use_bf16:
             logger.warning("train.precision=bf16 runs on CUDA only; training in fp32 on CPU")

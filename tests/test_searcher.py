@@ -190,3 +190,26 @@ def test_a_grid_study_suggests_every_point_once(tmp_path):
         seen.append(searcher.suggest(tid)["weighting.name"])
         searcher.on_trial_complete(tid, report(searcher, tid, 4, finished=True))
     assert sorted(seen) == ["ema", "self", "uniform"]
+
+
+def test_orphans_are_looked_for_once_per_session_not_at_every_suggestion(tmp_path, monkeypatch):
+    """The scan of the running trials grew with the study at every suggestion (issue 22): it runs
+    once after a start or a restore, and the orphans it found are taken over one by one."""
+    journal = tmp_path / "optuna.journal"
+    first = StudySearcher(make_study(tmp_path), journal)
+    first.suggest("a")
+    first.save(str(tmp_path / "searcher.pkl"))  # Ray's last save: it knows "a" only
+    lost = [first.suggest("b"), first.suggest("c")]  # asked, then the driver dies
+    del first
+
+    again = StudySearcher(make_study(tmp_path), journal)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    scans = []
+    get_trials = type(again.ostudy).get_trials
+    monkeypatch.setattr(type(again.ostudy), "get_trials",
+                        lambda self, *a, **k: scans.append(k.get("states")) or get_trials(self, *a, **k))
+    assert [again.suggest(t) for t in ("d", "e")] == lost  # both orphans, in order
+    again.suggest("f")
+    again.suggest("g")
+    assert sum(states is not None for states in scans) == 1, scans  # one scan of the running trials
+    assert [t.user_attrs["ray_trial_id"] for t in journal_trials(journal)] == ["a", "d", "e", "f", "g"]

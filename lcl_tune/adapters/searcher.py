@@ -182,6 +182,7 @@ class StudySearcher(Searcher):
         self.told: set[str] = set()
         self._ostudy: Any = None
         self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial, this session's
+        self._orphans: list[int] | None = None  # found once per session, at the first suggestion
 
     # -- the Optuna study, opened lazily (a restored searcher reopens the journal) -----------
 
@@ -223,10 +224,16 @@ class StudySearcher(Searcher):
         """An Optuna trial asked for a Ray trial that Ray does not know (its driver was killed
         before Ray saved the trial, maybe before the trial's Ray id or parameters were written):
         the next Ray trial takes it over, so none is left running. Only this searcher asks, and it
-        records each trial it asks at once, so every running trial it does not know is one."""
-        known = set(self.numbers.values())
-        running = self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return next((t for t in running if t.number not in known), None)
+        records each trial it asks at once, so every running trial it does not know is one, and
+        none appears later in a session: they are found once, at the first suggestion after a
+        start or a restore, not by a scan of every trial at every suggestion."""
+        if getattr(self, "_orphans", None) is None:  # absent from a searcher pickled by 0.2.0
+            known = set(self.numbers.values())
+            running = self.ostudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            self._orphans = [t.number for t in running if t.number not in known]
+        if not self._orphans:
+            return None
+        return self.ostudy.get_trials(deepcopy=False)[self._orphans.pop(0)]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         value, step = result.get(self.study.tune_metric), result.get("training_iteration")
@@ -277,6 +284,8 @@ class StudySearcher(Searcher):
         self.study, self.journal = state["study"], state["journal"]
         self.numbers, self.told = dict(state["numbers"]), set(state["told"])
         self.space, self._ostudy, self._trials = DefineByRun(self.study.params), None, {}
+        self._orphans = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_ostudy": None, "_trials": {}}  # an open journal is reopened, not pickled
+        # an open journal is reopened, not pickled; orphans are looked for again after a restore
+        return {**self.__dict__, "_ostudy": None, "_trials": {}, "_orphans": None}

@@ -66,6 +66,7 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
         log.info(f"ablation {ab.name!r}: no tuning phase, so each cell trains once, in the final phase")
         run_final(ab, place, arm_targets, address)
         write_ablation_report(ab, folder, top, arm_targets)
+        wait_for_spools(top, folder)
         sync_up(place)
         return folder
     if ab.tune:
@@ -80,6 +81,9 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
     write_ablation_report(ab, folder, top, arm_targets)
     if final:
         run_final(ab, place, arm_targets, address)
+        # the final cells' closes (each draws its confusion matrix) are sent, and the sender stopped,
+        # before the command returns: a sender still drawing as the interpreter shut down aborted it
+        wait_for_spools(top, folder)
     sync_up(place)
     return folder
 

@@ -526,6 +526,18 @@ def driver_sender(spool_dir: str) -> SpoolSender:
     return _DRIVER_SENDERS[spool_dir]
 
 
+def close_driver_senders(timeout: float) -> list[str]:
+    """Flush and stop every driver sender still running, within ``timeout`` seconds in all; returns
+    the spool folders whose records were not all sent (they stay spooled for ``lcl-tune sync``).
+    Every command calls it before it returns, so no sender thread is sending (drawing a figure into
+    a temporary folder) while the interpreter shuts down."""
+    deadline, left = time.monotonic() + timeout, []
+    for spool_dir in list(_DRIVER_SENDERS):
+        if not close_driver_sender(spool_dir, max(0.0, deadline - time.monotonic())):
+            left.append(spool_dir)
+    return left
+
+
 def close_driver_sender(spool_dir: str | None, timeout: float) -> bool:
     """Flush and stop the driver's sender of ``spool_dir`` (True when everything was sent)."""
     sender = _DRIVER_SENDERS.pop(spool_dir, None) if spool_dir else None

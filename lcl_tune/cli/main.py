@@ -373,6 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(redact(f"error: {e}"), file=sys.stderr)
         return 2
+    finally:
+        stop_tracking_senders()
+
+
+SENDERS_STOP_S = 60.0  # how long a command waits, at its end, for tracking records still being sent
+
+
+def stop_tracking_senders() -> None:
+    """Stop the tracking senders a command left running (their records stay spooled if the store
+    does not answer in time): none may still be sending while the interpreter shuts down."""
+    tracking = sys.modules.get("lcl_tune.adapters.tracking")  # never imported by a light command
+    if tracking is None:
+        return
+    for spool_dir in tracking.close_driver_senders(SENDERS_STOP_S):
+        log.warning(f"tracking: records in {spool_dir} could not be sent within {SENDERS_STOP_S:.0f}s; "
+                    f"send them when the server answers: lcl-tune sync {Path(spool_dir).parent}")
 
 
 if __name__ == "__main__":

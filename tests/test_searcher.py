@@ -213,3 +213,89 @@ def test_orphans_are_looked_for_once_per_session_not_at_every_suggestion(tmp_pat
     again.suggest("g")
     assert sum(states is not None for states in scans) == 1, scans  # one scan of the running trials
     assert [t.user_attrs["ray_trial_id"] for t in journal_trials(journal)] == ["a", "d", "e", "f", "g"]
+
+
+class _Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.config, self.status = trial_id, {}, "RUNNING"
+
+
+def test_a_trial_the_journal_holds_finished_ends_where_the_journal_says(tmp_path):
+    """Ray's state saved before a trial's end: the resumed trial runs again from its checkpoint,
+    and the scheduler ends it at the period the journal recorded, whatever ASHA would now decide
+    (here ASHA alone would stop the weaker trial at its first rung, and let the stronger one run)."""
+    from lcl_tune.adapters.searcher import make_scheduler
+
+    study, journal = make_study(tmp_path), tmp_path / "optuna.journal"
+    searcher = StudySearcher(study, journal)
+    for tid, periods, finished in (("pruned", 3, False), ("done", 1, False)):
+        searcher.suggest(tid)
+        searcher.on_trial_complete(tid, report(searcher, tid, periods, finished))  # told before the kill
+    # the resumed session: a new scheduler, Ray's older state has both as running
+    scheduler = make_scheduler(study, journal)
+    scheduler.set_search_properties(METRIC, "max")
+    decisions = {}
+    for tid, values in (("other", [0.9, 0.9, 0.9, 0.9]), ("pruned", [0.1, 0.1, 0.1, 0.1]), ("done", [0.95])):
+        scheduler.on_trial_add(None, _Trial(tid))
+        for k, value in enumerate(values, start=1):
+            decisions.setdefault(tid, []).append(scheduler.on_trial_result(None, _Trial(tid), {
+                "training_iteration": k, METRIC: value}))
+            if decisions[tid][-1] == scheduler.STOP:
+                break
+    assert decisions["pruned"] == [scheduler.CONTINUE, scheduler.CONTINUE, scheduler.STOP]  # ASHA: stop at 1
+    assert decisions["done"] == [scheduler.STOP]  # the journal has it stopped after period 1
+    assert scheduler.STOP not in decisions["other"][:-1]  # a trial the journal does not hold: ASHA decides
+    assert pickle.loads(pickle.dumps(scheduler)).finished_periods() == {"pruned": 3, "done": 1}
+
+
+def test_the_journal_is_appended_without_fsync_or_a_lock_file_and_optuna_reads_it(tmp_path, monkeypatch):
+    """At ~13 appends a trial, Optuna's own backend (symlink lock, open, fsync, close each time)
+    costs the driver's loop ~2 ms each; the study's appends are one write each, in Optuna's format."""
+    import os
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(os, "symlink", lambda *a: (_ for _ in ()).throw(AssertionError("a symlink lock")))
+    journal = tmp_path / "optuna.journal"
+    searcher = StudySearcher(make_study(tmp_path), journal)
+    for tid in ("a", "b"):
+        searcher.suggest(tid)
+        searcher.on_trial_complete(tid, report(searcher, tid, 4, True))
+    assert synced == []
+    trials = journal_trials(journal)  # Optuna's own reader (optuna-dashboard reads it the same way)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 and trials[0].intermediate_values
+
+
+def test_a_journal_append_torn_by_a_kill_is_cut_before_the_next(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    study = make_study(tmp_path)
+    searcher = StudySearcher(study, journal)
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", report(searcher, "a", 4, True))
+    with open(journal, "a") as fh:
+        fh.write('{"op_code": 5, "worker_id": "x", "trial_id": 0, "para')  # the driver died mid-append
+    restored = StudySearcher(study, journal)
+    restored.suggest("b")
+    restored.on_trial_complete("b", report(restored, "b", 4, True))
+    assert [t.state for t in journal_trials(journal)] == [TrialState.COMPLETE] * 2
+
+
+def test_a_trial_missing_from_a_journal_behind_rays_state_is_asked_again_with_its_config(tmp_path):
+    """The journal copied back from remote storage can be older than Ray's saved state: a trial
+    the restored searcher knows is not in it. It is asked again with the Ray trial's config, and
+    told, so the study still holds one Optuna trial per Ray trial."""
+    study, journal = make_study(tmp_path), tmp_path / "optuna.journal"
+    searcher = StudySearcher(study, journal)
+    searcher.suggest("z")  # the sampler's first draw, so that "a" is not what a fresh seeded sampler draws first
+    params = searcher.suggest("a")
+    state = searcher.get_state()
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:1]))  # only the study's creation: both trials lost
+    restored = StudySearcher(study, journal)
+    restored.set_state(state)
+    for k in range(1, 4):  # Ray's results carry the trial's config
+        restored.on_trial_result("a", {"training_iteration": k, METRIC: 0.5, "config": params})
+    restored.on_trial_complete("a", {"training_iteration": 4, METRIC: 0.6, "finished": True, "config": params})
+    (trial,) = journal_trials(journal)
+    assert trial.user_attrs["ray_trial_id"] == "a" and trial.params == params and trial.state == TrialState.COMPLETE
+    assert sorted(trial.intermediate_values) == [1, 2, 3, 4]

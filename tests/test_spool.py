@@ -4,7 +4,9 @@ sent twice, whether the store is down, hangs, or the process dies before sending
 from __future__ import annotations
 
 import json
+import os
 import threading
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -19,8 +21,14 @@ from lcl_tune.adapters import tracking as T
 DETAILS = {"label_names": ["neg", "pos"], "dev/per_class_f1": {"neg": 0.5, "pos": 0.7}, "dev/confusion": [[3, 1], [1, 3]]}
 
 
+FAULTS = Path(__file__).resolve().parent / "faults"  # sitecustomize.py: LCL_TUNE_SLOW_CLOSE_S slows every close
+
+
 @pytest.fixture()
-def target(tmp_path) -> T.TrackingTarget:
+def target(tmp_path, monkeypatch) -> T.TrackingTarget:
+    """A study's target; the driver's closes are sent by a thread here, so that these tests can
+    fake the store by patching ``T.execute`` (the process of their own: the tests at the end)."""
+    monkeypatch.setattr(T, "SENDER_PROCESS", False)
     return T.start_study("spooled", tmp_path / "study")
 
 
@@ -170,3 +178,38 @@ def test_the_end_of_a_study_waits_a_bounded_time_and_names_what_it_could_not_sen
     assert warning == (f"tracking: 2 records in 1 spools could not be sent within 1s (trial-t5.jsonl in "
                        f"{folder / T.SPOOL_DIR}); the results in {folder} are complete. Send them when the server "
                        f"answers: lcl-tune sync {folder}")
+
+
+@pytest.fixture()
+def slow_store_closes(monkeypatch):
+    """Every close record takes at least 1 s more to send, in any process started from here."""
+    monkeypatch.setenv("LCL_TUNE_SLOW_CLOSE_S", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAULTS), os.environ.get("PYTHONPATH")])))
+
+
+def test_the_driver_closes_runs_from_a_process_of_their_own(tmp_path, slow_store_closes):
+    """close_trial on the driver appends and returns; a process of its own sends the close (the
+    driver's event loop never runs a store round trip); closing the sender waits for it."""
+    target = T.start_study("spooled", tmp_path / "study")
+    T.close_trial(target, "t2", "errored", cost=T.trial_cost(1.0, 1, 0), error="Traceback\nValueError: boom")
+    assert T.child_runs(target) == []  # returned before anything reached the store
+    sender = T.driver_sender(target.spool_dir)
+    assert sender.proc is not None and sender.proc.pid != os.getpid() and sender.proc.poll() is None
+    assert T.close_driver_sender(target.spool_dir, timeout=60)
+    assert sender.proc.returncode == 0  # it exited when told, nothing left
+    (run,) = T.child_runs(target)
+    assert run.info.status == "FAILED" and run.data.tags[T.TAG_ERROR] == "ValueError: boom"
+
+
+def test_the_sender_process_sends_what_is_left_when_the_driver_dies(tmp_path, slow_store_closes):
+    """A driver that dies (its end of the pipe closes) with closes journalled and unsent: its sender
+    process sends them before it exits, in order; nothing is left in the journal."""
+    target = T.start_study("spooled", tmp_path / "study")
+    for trial_id in ("a", "b", "c"):
+        T.close_trial(target, trial_id, "completed", cost=T.trial_cost(2.0, 1, 0), step=4)
+    sender = T._DRIVER_SENDERS.pop(target.spool_dir)
+    sender.proc.stdin.close()  # as the kernel does when the driver is killed
+    assert sender.proc.wait(timeout=60) == 0
+    runs = {r.data.tags[T.TAG_TRIAL]: r for r in T.child_runs(target)}
+    assert sorted(runs) == ["a", "b", "c"] and all(r.info.status == "FINISHED" for r in runs.values())
+    assert S.Spool(f"{target.spool_dir}/driver.jsonl").pending() == []

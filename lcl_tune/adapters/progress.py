@@ -9,10 +9,13 @@ reporter) the reporter is ours: :class:`RayStatusFile` renders the same block in
 terminal shows only the project's table and its own log messages.
 
 :class:`ProgressCallback` keeps the snapshot :mod:`lcl_tune.analysis.progress` describes, from the
-events Tune calls it with, writes it atomically to ``<folder>/progress.json`` (always on a trial's
-start and end; period reports at most every :data:`WRITE_EVERY_S`; a heartbeat every
-:data:`~lcl_tune.analysis.progress.HEARTBEAT_S`), and shows it: redrawn in place on a terminal,
-one line per event otherwise.
+events Tune calls it with, writes it atomically to ``<folder>/progress.json`` (at most every
+:data:`WRITE_EVERY_S` while something changed, a heartbeat every
+:data:`~lcl_tune.analysis.progress.HEARTBEAT_S`, and at the end), and shows it: redrawn in place
+on a terminal, one line per event otherwise. The work is incremental, so it does not grow with the
+study: an event touches its own trial's row, only trials Tune added since the last event are
+looked at, and a write serialises only the rows that changed since the last one (the others' JSON
+is kept).
 
 Adapter module: imports Ray.
 """
@@ -20,6 +23,7 @@ Adapter module: imports Ray.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
@@ -34,9 +38,9 @@ from typing import Any, Callable, Iterator
 from ray import tune
 
 from lcl_tune.analysis import progress as P
-from lcl_tune.util import RedactFilter, log, redact, write_json
+from lcl_tune.util import RedactFilter, atomic_write, json_safe, log, redact
 
-WRITE_EVERY_S = 2.0  # period reports rewrite progress.json at most this often
+WRITE_EVERY_S = 2.0  # progress.json is rewritten at most this often (and at the end)
 RAY_STATUS_EVERY_S = 30  # Ray's status block in ray_status.log
 ERROR_TAIL_LINES = 5
 
@@ -48,6 +52,12 @@ class RayStatusFile(tune.CLIReporter):
     def __init__(self, path: str | os.PathLike, **kwargs: Any):
         super().__init__(**kwargs)
         self.path = str(path)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from lcl_tune.adapters.place import relocate
+
+        self.__dict__.update(state)
+        self.path = relocate(self.path)
 
     def _print(self, msg: str) -> None:
         with open(self.path, "a") as fh:
@@ -119,12 +129,18 @@ class ProgressCallback(tune.Callback):
         self.lines = False
         self._hold: Any = None
         self._written = -math.inf
+        self._seen = 0  # Tune's trials list only grows: the ones before this index were looked at
+        self._row_json: dict[str, str] = {}  # each row's JSON as last written
+        self._dirty: set[str] = set()  # rows an event touched since the last write
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: self.__dict__[k] for k in ("folder", "header", "describe", "classify", "max_t")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        from lcl_tune.adapters.place import relocate
+
         self.__dict__.update(state)
+        self.folder = relocate(self.folder)
         self._reset()
 
     # -- Tune's hooks ---------------------------------------------------------------------------
@@ -146,7 +162,7 @@ class ProgressCallback(tune.Callback):
         row.update(status=P.RUNNING, started=row["started"] or time.time())  # a retry keeps its first start
         if row["retries"] == 0:
             self._event(row, "started")
-        self._changed(force=True)
+        self._changed(redraw=True)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._sync(trials)
@@ -169,7 +185,7 @@ class ProgressCallback(tune.Callback):
         row = self._row(trial)
         row.update(status=P.PENDING, retries=row["retries"] + 1, error=_last_error_line(trial))
         self._event(row, "retry")
-        self._changed(force=True)
+        self._changed(redraw=True)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._sync(trials)
@@ -182,6 +198,8 @@ class ProgressCallback(tune.Callback):
     # -- the snapshot -------------------------------------------------------------------------------
 
     def _row(self, trial: Any) -> dict[str, Any]:
+        """The trial's row, marked changed: every event that asks for it may change it."""
+        self._dirty.add(trial.trial_id)
         if trial.trial_id not in self.rows:
             config = dict(trial.config or {})
             row = {"id": trial.trial_id, "params": self.describe(config), "status": P.PENDING, "period": None,
@@ -193,8 +211,9 @@ class ProgressCallback(tune.Callback):
         return self.rows[trial.trial_id]
 
     def _sync(self, trials: list) -> None:
-        """Trials Tune knows that no event told us of (pending ones; finished ones of a resumed study)."""
-        for trial in trials:
+        """Trials Tune knows that no event told us of (pending ones; finished ones of a resumed study).
+        Only those added since the last call: Tune appends to its list and never removes."""
+        for trial in trials[self._seen:]:
             known = trial.trial_id in self.rows
             row = self._row(trial)
             if known or row["status"] in P.FINAL:
@@ -208,6 +227,7 @@ class ProgressCallback(tune.Callback):
             elif trial.status in ("RUNNING", "PAUSED"):
                 self._take_result(row, trial.last_result or {})
                 row.update(status=trial.status.lower(), started=time.time())
+        self._seen = len(trials)
 
     def _take_result(self, row: dict[str, Any], result: dict) -> None:
         if not result:
@@ -231,21 +251,31 @@ class ProgressCallback(tune.Callback):
         self._event(row, "finished")
         if self.lines and P.counts(self.snap)["done"] < int(self.snap.get("total") or 0):  # the last: close() says it
             self._write_line(P.study_line(self.snap, time.time()))
-        self._changed(force=True)
+        self._changed(redraw=True)
 
-    def _changed(self, force: bool = False, heartbeat: bool = False) -> None:
-        """Write the snapshot (now, or when the last write is old enough) and redraw the table."""
+    def _changed(self, force: bool = False, heartbeat: bool = False, redraw: bool = False) -> None:
+        """Write the snapshot (now with ``force``; else when something changed and the last write is
+        :data:`WRITE_EVERY_S` old, or a heartbeat is due) and redraw the table."""
         now = time.time()
-        wait = P.HEARTBEAT_S if heartbeat else WRITE_EVERY_S
-        if force or now - self._written >= wait:
+        due = now - self._written >= (P.HEARTBEAT_S if heartbeat and not self._dirty else WRITE_EVERY_S)
+        if force or (due and (self._dirty or heartbeat)):
             self.snap["updated"] = now
             self.snap["summary"] = P.summary(self.snap, now)
-            warn_on_error(lambda: write_json(self.folder / P.SNAPSHOT, self.snap, indent=1),
-                          f"writing {self.folder / P.SNAPSHOT}", errors=(OSError,))  # a full disk: a convenience lost
+            warn_on_error(self._write, f"writing {self.folder / P.SNAPSHOT}", errors=(OSError,))  # a full disk: a convenience lost
             self._written = now
-        if self.live is not None and (force or self.live.due()):
+        if self.live is not None and (force or redraw or self.live.due()):
             width, height = P.terminal_size()
             self.live.update(P.render(self.snap, now, width, height - 1), force=force)
+
+    def _write(self) -> None:
+        """``progress.json``, re-serialising only the rows changed since the last write; atomic (a
+        reader never meets half a file), not fsync'd (a convenience: a power loss may lose it)."""
+        for trial_id in self._dirty:
+            self._row_json[trial_id] = json.dumps(json_safe(self.rows[trial_id]))
+        self._dirty.clear()
+        header = json.dumps(json_safe({k: v for k, v in self.snap.items() if k != "trials"}))
+        rows = ",\n ".join(self._row_json[t["id"]] for t in self.snap["trials"])
+        atomic_write(self.folder / P.SNAPSHOT, f'{header[:-1]}, "trials": [\n {rows}]}}\n', durable=False)
 
     def close(self, interrupted: bool = False) -> None:
         """The last snapshot (``ended``, ``outcome``) and the last frame, left on the terminal."""

@@ -1,9 +1,11 @@
-"""Tracking that never makes training wait: a durable, ordered spool and one sender thread.
+"""Tracking that never makes training wait: a durable, ordered spool and one sender.
 
-Every tracking call of a trial (and of the driver's callbacks) is appended to a JSON-lines
-journal, fsync'd, and handed to a background thread that sends the journal in order; the caller
-returns at once. An MLflow server that is down for minutes costs the training loop one fsync
-per call. The sender retries with back-off until the server answers again.
+Every tracking call of a trial is appended to a JSON-lines journal, fsync'd, and handed to a
+background thread that sends the journal in order; the caller returns at once. An MLflow server
+that is down for minutes costs the training loop one fsync per call. The sender retries with
+back-off until the server answers again. The driver's closes of trial runs are appended (without
+fsync: a killed process loses nothing) and sent by a process of their own (:class:`SenderProcess`),
+so not even the driver's interpreter does the store's work.
 
 What has been sent is acknowledged in a sidecar file (the last sequence number sent, and the
 run it went to), so a journal left by a process that died (a killed trial, a stopped driver)
@@ -28,12 +30,14 @@ import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lcl_tune.util import log, write_json
+from lcl_tune.util import drop_torn_tail, log, write_json
 
 Execute = Callable[[dict[str, Any], dict[str, Any]], None]
 """``execute(record, state)`` performs one record against the store; ``state`` carries what a
@@ -41,15 +45,22 @@ record leaves for the next ones (``target``, ``run_id``) and is persisted with t
 
 
 class Spool:
-    """One append-only journal of tracking records (``{"seq", "op", "args"}`` per line)."""
+    """One append-only journal of tracking records (``{"seq", "op", "args"}`` per line).
 
-    def __init__(self, path: str | os.PathLike):
+    ``durable``: each append is fsync'd (a trial's records survive a power loss); without it an
+    append is one ``write`` (a killed process still loses nothing: the kernel has it). ``remember``:
+    keep appended records in memory for a sender in this process (the driver's spool, sent by a
+    process of its own, does not). A reader in another process picks up appends with :meth:`refresh`."""
+
+    def __init__(self, path: str | os.PathLike, durable: bool = True, remember: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ack_path = self.path.with_suffix(".ack")
         self.files = self.path.with_suffix(".files")
+        self.durable, self.remember = durable, remember
         self._lock = threading.Lock()
-        self._records = self.records()  # read once: later records are kept as they are appended
+        self._offset = 0  # bytes of whole lines read so far (refresh reads on from here)
+        self._records = self._read_new()  # read once: later records are kept as they are appended
         self._seq = max((r["seq"] for r in self._records), default=0)
         self._acked = self.acked()["seq"]
         self._fh: Any = None  # opened by the first append, held for the spool's life
@@ -65,23 +76,15 @@ class Spool:
                 args["dir"] = str(kept)
             record = {"seq": self._seq, "op": op, "args": args}
             if self._fh is None:  # the writer: only it may cut a torn tail (a reader could cut a write in progress)
-                self._drop_torn_tail()
+                drop_torn_tail(self.path)
                 self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
             self._fh.write(json.dumps(record) + "\n")
             self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._records.append(record)
+            if self.durable:
+                os.fsync(self._fh.fileno())
+            if self.remember:
+                self._records.append(record)
             return self._seq
-
-    def _drop_torn_tail(self) -> None:
-        """A process that died mid-write leaves a line without its newline; the append it was
-        making never returned, so the fragment is cut off (else the next record would be glued to it)."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
 
     @property
     def last_seq(self) -> int:
@@ -89,15 +92,32 @@ class Spool:
 
     def records(self) -> list[dict[str, Any]]:
         """Every whole record; a torn last line (the process died mid-write) is ignored."""
-        if not self.path.exists():
+        return Spool(self.path, remember=True)._records if self.path.exists() else []
+
+    def _read_new(self) -> list[dict[str, Any]]:
+        """The whole records after ``_offset`` (a line still being written is left for later)."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
             return []
+        data = data[:data.rfind(b"\n") + 1]
+        self._offset += len(data)
         out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in data.decode("utf-8").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
                 log.debug(f"{self.path}: ignoring a torn record")
         return out
+
+    def refresh(self) -> None:
+        """Take in the records another process appended since the last look."""
+        with self._lock:
+            new = [r for r in self._read_new() if r["seq"] > self._seq]
+            self._records.extend(new)
+            self._seq = max([self._seq, *(r["seq"] for r in new)])
 
     def acked(self) -> dict[str, Any]:
         try:
@@ -130,6 +150,8 @@ class Spool:
         """Perform and acknowledge every pending record in order; the first failure stops (and
         raises), leaving it and the rest pending."""
         for rec in self.pending():
+            if "dir" in rec["args"]:  # its artifacts where this spool keeps them now (the study may have moved)
+                rec = {**rec, "args": {**rec["args"], "dir": str(self.files / str(rec["seq"]))}}
             execute(rec, state)
             self.ack(rec["seq"], state)
 
@@ -140,10 +162,13 @@ class Spool:
 
 class SpoolSender:
     """The one thread that sends a spool in order, retrying with back-off while the store is down.
-    Holds the spool's lock file for its life, so a replay elsewhere leaves a live spool alone."""
+    Holds the spool's lock file for its life, so a replay elsewhere leaves a live spool alone.
+    ``follow``: the records are appended by another process (looked for every ``poll_s``)."""
 
-    def __init__(self, spool: Spool, execute: Execute, *, what: str, max_backoff_s: float = 30.0):
+    def __init__(self, spool: Spool, execute: Execute, *, what: str, max_backoff_s: float = 30.0,
+                 follow: bool = False, poll_s: float = 1.0):
         self.spool, self.execute, self.what, self.max_backoff_s = spool, execute, what, max_backoff_s
+        self.follow, self.poll_s = follow, poll_s
         self.state: dict[str, Any] = spool.state()
         self._wake = threading.Condition()
         self._closed = False
@@ -163,6 +188,8 @@ class SpoolSender:
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for everything journalled to be sent; True if it was."""
         deadline = time.monotonic() + timeout
+        if self.follow:
+            self.spool.refresh()
         while self.spool.acked_seq < self.spool.last_seq:
             if time.monotonic() >= deadline:
                 return False
@@ -188,9 +215,11 @@ class SpoolSender:
     def _loop(self) -> None:
         backoff, down_since = 0.5, None
         while not self._closed:
+            if self.follow:
+                self.spool.refresh()
             if not self.spool.pending():
                 with self._wake:
-                    self._wake.wait(timeout=1.0)
+                    self._wake.wait(timeout=self.poll_s)
                 continue
             try:
                 self.spool.send_pending(self.execute, self.state)
@@ -206,6 +235,53 @@ class SpoolSender:
                 with self._wake:
                     self._wake.wait(timeout=backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
+
+
+class SenderProcess:
+    """A spool appended here and sent by a process of its own (``python -m lcl_tune.adapters.sender``):
+    the driver's closes of trial runs. Closing a run takes store round trips (and, with a server,
+    the network); in the driver, even on a thread, they would compete with Tune's event loop for
+    the interpreter. Appending costs one ``write``. The process is started at the first record (and
+    again if it died); it sends in order, as :class:`SpoolSender` does, and when the driver closes
+    its pipe (or dies) it sends what is left, for a bounded time, and exits."""
+
+    def __init__(self, spool: Spool, *, what: str):
+        self.spool, self.what = spool, what
+        self.proc: subprocess.Popen | None = None
+
+    def append(self, op: str, files: Path | None = None, **args: Any) -> None:
+        self.spool.append(op, files, **args)
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lcl_tune.adapters.sender", str(self.spool.path)],
+                                         stdin=subprocess.PIPE)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the process acknowledged every record appended."""
+        deadline = time.monotonic() + timeout
+        while self.spool.acked()["seq"] < self.spool.last_seq:
+            if time.monotonic() >= deadline or (self.proc is not None and self.proc.poll() is not None):
+                return self.spool.acked()["seq"] >= self.spool.last_seq
+            time.sleep(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush for up to ``timeout`` seconds, then stop the process; what is left stays in the journal."""
+        drained = self.flush(timeout)
+        if self.proc is not None and self.proc.poll() is None:
+            if drained:
+                self.proc.stdin.close()  # its cue: nothing more will come
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.spool.close()
+        if not drained:
+            log.warning(f"{self.what}: {self.spool.last_seq - self.spool.acked()['seq']} tracking records not sent "
+                        f"yet; they are kept in {self.spool.path} and sent at the end of the study or by lcl-tune sync")
+        return drained
 
 
 def _lock(fh: Any, deadline: float) -> bool:

@@ -20,6 +20,7 @@ Adapter module: imports Ray and Optuna (with install hints when missing).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -27,7 +28,6 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
                       "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 from lcl_tune.adapters import tracking as T
+from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
+from lcl_tune.adapters.place import (StudyPlace, StudySync, exists, is_uri, record_folder, relocate,  # noqa: F401
+                                    study_place, sync_down, sync_up)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, showing_progress, strip_ansi,
                                         study_progress, trial_error_text, trial_log_tail, warn_on_error)
 from lcl_tune.analysis.progress import last_error_line
@@ -54,65 +57,6 @@ from lcl_tune.util import atomic_write, log, redact
 
 # Keys whose value changes the tokenised data: a study searching them prepares data per trial.
 DATA_KEYS = ("model.name", "model.tokenizer", "model.max_length", "weighting.model")
-
-
-def study_folder(storage: str | os.PathLike, name: str) -> Path:
-    return (Path(storage).expanduser() / name).resolve()
-
-
-def is_uri(storage: str | os.PathLike) -> bool:
-    return "://" in str(storage)
-
-
-@dataclass(frozen=True)
-class StudyPlace:
-    """Where a study lives. ``folder``: on the driver (study.yaml, results.parquet, the Optuna
-    journal, the SQLite MLflow store, plots). ``remote``: with ``--storage s3://...`` (or any
-    URI Ray and pyarrow understand) Ray keeps trials and checkpoints there, readable from every
-    node, and the driver's files are copied there when the study ends; None for a local or shared
-    path, where everything is in ``folder``."""
-
-    folder: Path
-    remote: str | None = None
-
-    @property
-    def ray_storage(self) -> str:
-        return self.remote or str(self.folder)
-
-    @property
-    def ray_dir(self) -> str:
-        return f"{self.ray_storage}/ray"
-
-
-def study_place(storage: str | os.PathLike, name: str, local_dir: str | os.PathLike | None = None) -> StudyPlace:
-    if is_uri(storage):
-        return StudyPlace(study_folder(local_dir or "lcl_runs", name), f"{str(storage).rstrip('/')}/{name}")
-    return StudyPlace(study_folder(storage, name))
-
-
-def exists(path: str) -> bool:
-    """A local path or a storage URI (s3://, gs://, file://...) exists."""
-    from pyarrow import fs
-
-    filesystem, inner = fs.FileSystem.from_uri(path) if is_uri(path) else (fs.LocalFileSystem(), path)
-    return filesystem.get_file_info(inner).type != fs.FileType.NotFound
-
-
-def sync_up(place: StudyPlace, names: tuple[str, ...] = ("study.yaml", "ablation.yaml", "command.txt",
-                                                          "results.parquet", "optuna.journal", "plots",
-                                                          "cells", "report", "tuned.json")) -> None:
-    """Copy the driver's files of a study to its remote storage (no-op for local storage)."""
-    if place.remote is None:
-        return
-    from pyarrow import fs
-
-    for name in names:
-        src = place.folder / name
-        if not src.exists():
-            continue
-        dst_fs, dst = fs.FileSystem.from_uri(f"{place.remote}/{name}")
-        dst_fs.create_dir(dst if src.is_dir() else dst.rsplit("/", 1)[0], recursive=True)
-        fs.copy_files(str(src), dst, source_filesystem=fs.LocalFileSystem(), destination_filesystem=dst_fs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,12 +73,15 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     place = study_place(storage, study.name, local_dir)
     folder, ray_dir = place.folder, place.ray_dir
     check_sampler_options(study)
+    if resume:
+        sync_down(place)  # a driver on a new machine: the study's files from the storage URI
     _check_folder(study, folder, ray_dir, resume)
     folder.mkdir(parents=True, exist_ok=True)
+    record_folder(folder)
     _write_study(study, folder, command)
     # The MLflow store, experiment and parent run exist before any trial starts (and are found
     # again on resume); an unreachable tracking server fails here, before Ray starts.
-    target = T.start_study(study.name, folder, kind="study", uri=tracking_uri, parent=tracking_parent,
+    target = T.start_study(study.name, folder, kind="study", uri=tracking_uri, parent=tracking_parent, storage=place.remote,
                            artifacts=[folder / "study.yaml", folder / "command.txt"])
 
     t_prepare = time.time()
@@ -156,7 +103,8 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     else:
         slots = parallel_slots(study.max_concurrent, cluster, study.cpu, study.gpu)
         run_config = _run_config(study, place.ray_storage, verbose,
-                                 [TrialOutcomes(target, study), study_progress(study, folder, slots)], folder)
+                                 [TrialOutcomes(target, study), study_progress(study, folder, slots), StudySync(place)],
+                                 folder)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, folder / "optuna.journal", target),
                            run_config=run_config)
     start = time.time()
@@ -223,13 +171,21 @@ def _write_study(study: Study, folder: Path, command: str | None) -> None:
         fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
 
 
+STATE_SAVE_PERIOD = "auto"  # TUNE_GLOBAL_CHECKPOINT_S unless the user sets it: seconds, or Tune's "auto"
+
+
 def _init_ray(address: str | None) -> None:
     """Connect to ``address`` or start a local Ray. Ray's classic output engine, because its newer
     one ignores a passed reporter and prints to the terminal: ours writes Ray's status to a file
     (:mod:`lcl_tune.adapters.progress`)."""
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")  # save experiment state at every step...
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # ...on purpose
+    # Tune saves its whole experiment state (every trial's record) on a period, not at every step:
+    # a save costs O(trials), so saving at every step made the driver O(trials²). "auto" (Tune's
+    # own default, named here on purpose) keeps saves under 5 % of the time, at least 10 s apart.
+    # A kill between two saves loses nothing: docs/cluster.md, "What a kill can cost".
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_PERIOD)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # keeper.tune_callbacks adds the ones read
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")  # a checkpoint's record in the state: small
     if ray.is_initialized():
         return
     if address is None:
@@ -325,7 +281,7 @@ def _tune_config(study: Study, journal: Path, target: "T.TrackingTarget") -> "tu
     # pickled with the experiment: a resumed study's searcher hands runs over too
     searcher = StudySearcher(study, journal, on_takeover=functools.partial(hand_over_run, target))
     return tune.TuneConfig(metric=study.tune_metric, mode=study.mode, search_alg=searcher,
-                           scheduler=make_scheduler(study), num_samples=study.num_samples,
+                           scheduler=make_scheduler(study, journal), num_samples=study.num_samples,
                            max_concurrent_trials=study.max_concurrent, reuse_actors=True)
 
 
@@ -334,12 +290,12 @@ def _run_config(study: Study, storage: str, verbose: int, callbacks: list, folde
     # conditional parameters are absent from some trials' configs, which Ray's reporter cannot show
     reporter = ray_status_reporter(folder, study.metric, study.tune_metric, [p.key for p in study.params if not p.when])
     return tune.RunConfig(
-        name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose, callbacks=callbacks,
+        name="ray", storage_path=storage, progress_reporter=reporter, verbose=verbose,
+        callbacks=[*callbacks, *tune_callbacks(study.checkpoint_keep, study.metric, study.mode)],
         # each trial's own stdout/stderr (its warnings too), uploaded with its checkpoints to its trial folder
         log_to_file=TRIAL_LOGS, sync_config=tune.SyncConfig(sync_artifacts=True),
-        # the best periods by the study metric (and, always, the latest: resume needs it)
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=study.checkpoint_keep, checkpoint_score_attribute=study.metric,
-                                                checkpoint_score_order=study.mode),
+        # the best periods by the study metric and the latest (CheckpointKeeper in the callbacks)
+        checkpoint_config=checkpoint_config(),
         failure_config=tune.FailureConfig(max_failures=study.max_retries))
 
 
@@ -348,13 +304,17 @@ class TrialOutcomes(tune.Callback):
     whether ASHA stopped a trial (a stopped trial's code never runs again). Pickled with the
     experiment, so a resumed study keeps closing the same runs.
 
-    Closing a run (store round trips, the confusion-matrix figure) is journalled and sent by the
-    driver's spool thread (:func:`~lcl_tune.adapters.tracking.driver_sender`): Tune calls callbacks
-    inside its event loop, which starts the next trial only after they return, and a tracking
-    server that is down must not stall it. The summary drains the spools before it reads them."""
+    Closing a run (store round trips) is journalled and sent by a process of the driver's own
+    (:func:`~lcl_tune.adapters.tracking.driver_sender`): Tune calls callbacks inside its event loop,
+    which starts the next trial only after they return, and neither a tracking server that is down
+    nor the store's work may stall it. The summary drains the spools before it reads them."""
 
     def __init__(self, target: "T.TrackingTarget", study: Study):
         self.target, self.study = target, study
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.target = dataclasses.replace(self.target, spool_dir=relocate(self.target.spool_dir))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}

@@ -112,9 +112,10 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
 def checkpoint_candidates(latest: Path) -> list[Path]:
     """The state files to try on a restore, newest first: Ray's latest checkpoint, then the older
     ones it kept beside it (``checkpoint.keep`` >= 2), so a damaged latest one falls back to the
-    previous good one."""
+    previous good one, and a missing one (deleted by hand: the keeper never deletes one that a
+    saved state names, :mod:`lcl_tune.adapters.keeper`) to the newest older one."""
     older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True)
-    return [latest / STATE_FILE] + [p / STATE_FILE for p in older]
+    return [latest / STATE_FILE] * latest.is_dir() + [p / STATE_FILE for p in older]
 
 
 def restore_checkpoint(trainer: Any, checkpoint: tune.Checkpoint) -> Path | None:
@@ -124,7 +125,7 @@ def restore_checkpoint(trainer: Any, checkpoint: tune.Checkpoint) -> Path | None
     from lcl_tune.core.engine import restore_first_good
 
     local = Path(checkpoint.path)
-    if checkpoint.filesystem.type_name == "local" and local.is_dir():
+    if checkpoint.filesystem.type_name == "local":
         return restore_first_good(trainer, checkpoint_candidates(local))
     with checkpoint.as_directory() as folder:
         return restore_first_good(trainer, [Path(folder) / STATE_FILE])

@@ -19,13 +19,18 @@ def _plt():
 
 
 def confusion_matrix_png(cm: Sequence[Sequence[int]], labels: list[str], path: str | Path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (colour) with the raw counts written in each cell."""
-    plt = _plt()
+    """Row-normalised confusion matrix (colour) with the raw counts written in each cell. Drawn on
+    a figure of its own (no pyplot state), so a sender thread can draw it while others run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     m = np.asarray(cm, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)
     n = len(labels)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
@@ -40,7 +45,6 @@ def confusion_matrix_png(cm: Sequence[Sequence[int]], labels: list[str], path: s
     ax.set_title(title or "confusion matrix (rows normalised)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 

@@ -179,7 +179,7 @@ class Sampler:
     those processes' CPU alone, run-queue wait)."""
 
     def __init__(self, every: float = 0.5, rescan_s: float = 5.0):
-        self.every, self.rescan_s, self.finished, self.rows, self._stop = every, rescan_s, 0, [], threading.Event()
+        self.every, self.rescan_s, self.rows, self._stop = every, rescan_s, [], threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-sampler")
         self._children: list[int] = []
         self._scanned = -math.inf
@@ -204,22 +204,26 @@ class Sampler:
                 pass
         own = proc_cpu_s(pid, children=True)  # reaped children (a helper that exited) count in here
         _, wait = run_queue_wait_s(pid)
-        self.rows.append((time.monotonic(), self.finished, own + helpers, helpers, wait))
+        self.rows.append((time.monotonic(), FINISHED[0], own + helpers, helpers, wait))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             self.sample()
 
 
-def count_finished(sampler: Sampler) -> Any:
+FINISHED = [0]  # trials finished so far, counted by the callback below, read by the Sampler
+
+
+def count_finished() -> Any:
+    """Every Tuner made in this process gets a callback counting finished trials (an increment)."""
     from ray import tune
 
     class FinishCounter(tune.Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            sampler.finished += 1
+            FINISHED[0] += 1
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            sampler.finished += 1
+            FINISHED[0] += 1
 
     original = tune.Tuner.__init__
 
@@ -267,17 +271,26 @@ def drive(contender: str, address: str, trials: int, period_s: float, out: Path)
     """One contender's study, measured from inside its driver."""
     root = Path(tempfile.mkdtemp(prefix=f"scale-{contender}-"))
     sampler, saves = Sampler(), []
-    count_finished(sampler)
+    count_finished()
     time_saves(saves)
     import lcl_tune
 
     started = time.monotonic()
     run0, wait0 = run_queue_wait_s(os.getpid())
     sampler.start()
+    profile = None
+    if os.environ.get("BENCH_PROFILE"):  # the driver's main thread (Tune's loop), for finding what costs
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
     if contender == "bare":
         bare_study(address, trials, period_s, root)
     else:
         project_study(address, trials, period_s, root)
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(os.environ["BENCH_PROFILE"])
     fit_end = time.monotonic()
     sampler.stop()
     run1, wait1 = run_queue_wait_s(os.getpid())
@@ -322,7 +335,7 @@ def bare_study(address: str, trials: int, period_s: float, root: Path) -> None:
     space = {"loss.temperature": tune.loguniform(0.05, 1.0), "loss.lam": tune.uniform(0.05, 1.0),
              "optim.lr": tune.loguniform(3e-5, 3e-4), "weighting.name": tune.choice(SPACE["weighting.name"]["values"])}
     tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1, "gpu": 1}), param_space=space,
-                       tune_config=tune.TuneConfig(metric="best/dev/weighted_f1", mode="max", num_samples=trials,
+                       tune_config=tune.TuneConfig(metric="best/dev/weighted_f1", mode="max", num_samples=trials, reuse_actors=True,
                                                    max_concurrent_trials=CONCURRENCY),
                        run_config=tune.RunConfig(name="bare", storage_path=str(root / "runs"), verbose=0))
     tuner.fit()
@@ -589,7 +602,7 @@ def postgres_server(root: Path) -> tuple[str, Any]:
     (root / "artifacts").mkdir()
     mlflow = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
                                "--port", str(port), "--workers", "4",
-                               "--backend-store-uri", f"postgresql://postgres@127.0.0.1:{pg_port}/mlflow",
+                               "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:{pg_port}/mlflow",
                                "--artifacts-destination", str(root / "artifacts")],
                               stdout=subprocess.DEVNULL, stderr=open(root / "mlflow.log", "w"), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"

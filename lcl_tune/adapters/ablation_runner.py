@@ -39,7 +39,7 @@ from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
 from lcl_tune.adapters.place import StudySync, record_folder, relocate, sync_down
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
                      check_tracking_reach, run_study, study_place, sync_up, torn_ray_state, tune, wait_for_spools)
-from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter,
+from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter, reported,
                                         showing_progress, trial_error_text)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
 from lcl_tune.util import atomic_write, log, redact, write_json
@@ -251,7 +251,7 @@ class CellRecorder(tune.Callback):
         self.arm_targets = {arm: dataclasses.replace(t, spool_dir=relocate(t.spool_dir)) for arm, t in self.arm_targets.items()}
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = dict(trial.last_result or {})
+        result = reported(trial)
         arm, seed = cell_of(trial.config)
         if not result.get("finished"):
             return self._close(trial, arm, result, STATUS_ERRORED, "the cell ended before training finished")
@@ -263,12 +263,12 @@ class CellRecorder(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         arm, _ = cell_of(trial.config)
-        self._close(trial, arm, trial.last_result or {}, STATUS_ERRORED, trial_error_text(trial))
+        self._close(trial, arm, reported(trial), STATUS_ERRORED, trial_error_text(trial))
 
     def _close(self, trial: Any, arm: str, result: dict, status: str, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.cpu, self.gpu)
         T.close_trial(self.arm_targets[arm], trial.trial_id, status, cost=cost, error=error,
-                      step=int(result.get("step", 0)), details=result_details(result))
+                      step=int(result.get("step", 0)), run_id=result.get("mlflow_run_id"))
 
 
 def cells_table(folder: Path, cell_dir: str | None = None):

@@ -25,6 +25,7 @@ from typing import Any
 
 from ray import tune
 
+from lcl_tune.adapters.progress import reported
 from lcl_tune.adapters.trainable import DETAILS_FILE  # in every checkpoint: its period's metrics (the score)
 from lcl_tune.util import log
 
@@ -76,7 +77,7 @@ class CheckpointKeeper(tune.Callback):
             held = self._held[trial.trial_id] = self._seed(checkpoint)
         held[:] = [k for k in held if k.path != checkpoint.path]  # a period re-run after a resume rewrites its folder
         self._order += 1
-        held.append(Kept(checkpoint.path, _score((trial.last_result or {}).get(self.metric)), self._order))
+        held.append(Kept(checkpoint.path, _score(reported(trial).get(self.metric)), self._order))
         self._latest[trial.trial_id] = checkpoint.path
         self._prune(trial.trial_id, held, checkpoint.filesystem)
 

@@ -46,12 +46,12 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
 from lcl_tune.adapters.place import (StudyPlace, StudySync, exists, is_uri, record_folder, relocate,  # noqa: F401
                                     study_place, sync_down, sync_up)
-from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, showing_progress, strip_ansi,
+from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, reported, showing_progress, strip_ansi,
                                         study_progress, trial_error_text, trial_log_tail, warn_on_error)
 from lcl_tune.analysis.progress import last_error_line
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
                                         check_sampler_options, make_scheduler, trial_status)
-from lcl_tune.adapters.trainable import lcl_trainable, result_details
+from lcl_tune.adapters.trainable import lcl_trainable
 from lcl_tune.core.failures import error_kind
 from lcl_tune.util import atomic_write, log, redact
 
@@ -317,16 +317,16 @@ class TrialOutcomes(tune.Callback):
         self.target = dataclasses.replace(self.target, spool_dir=relocate(self.target.spool_dir))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
+        result = reported(trial)
         self._close(trial, trial_status(result, None, self.study), result)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, STATUS_ERRORED, trial.last_result or {}, error=trial_error_text(trial))
+        self._close(trial, STATUS_ERRORED, reported(trial), error=trial_error_text(trial))
 
     def _close(self, trial: Any, status: str, result: dict, error: str | None = None) -> None:
         cost = T.trial_cost(float(result.get("time_total_s", 0.0)), self.study.cpu, self.study.gpu)
         warn_on_error(functools.partial(T.close_trial, self.target, trial.trial_id, status, cost=cost, error=error,
-                                        step=int(result.get("step", 0)), details=result_details(result)),
+                                        step=int(result.get("step", 0)), run_id=result.get("mlflow_run_id")),
                       f"closing the MLflow run of trial {trial.trial_id}")  # journalled: returns at once
 
 

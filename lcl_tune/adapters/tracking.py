@@ -490,19 +490,22 @@ def _csv(text: str) -> str:
 
 def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Mapping[str, float],
                 error: str | None = None, step: int = 0, details: Mapping[str, Any] | None = None,
-                ts: int | None = None, direct: bool = False) -> None:
+                ts: int | None = None, direct: bool = False, run_id: str | None = None) -> None:
     """Mark a trial's run with its outcome and cost; called by the driver, which alone knows
     whether ASHA stopped the trial. With a spool folder (and not ``direct``) it is journalled in
     ``spool/driver.jsonl`` and sent by the driver's sender process (:func:`driver_sender`), so the
     driver never waits on the store. ``details`` (the last report's) are not needed any more: the
-    trial's own sender drew its figure; taken so that records journalled by 0.2 still replay."""
+    trial's own sender drew its figure; taken so that records journalled by 0.2 still replay.
+    ``run_id``: the run, as the trial reported it; looked up by its id (a search of the store's
+    runs by tag otherwise, whose cost grows with the runs)."""
     ts = ts if ts is not None else int(time.time() * 1000)
     if target.spool_dir and not direct:
         driver_sender(target.spool_dir).append("close", target=target.as_dict(), trial_id=trial_id, status=status,
-                                               cost=dict(cost), error=error, step=step, ts=ts)
+                                               cost=dict(cost), error=error, step=step, ts=ts, run_id=run_id)
         return
     client = target.client()
-    found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+    found = _run_by_id(client, run_id) or find_runs(client, target.experiment_id,
+                                                    {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
     if not found:  # the trial failed before it could create its run: create it now, so it is seen
         run_id = client.create_run(target.experiment_id, run_name=f"trial {trial_id}",
                                    tags={TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id}
@@ -519,6 +522,15 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
             (Path(tmp) / "error.txt").write_text(error)
             client.log_artifact(run_id, str(Path(tmp) / "error.txt"))
     client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
+
+
+def _run_by_id(client: MlflowClient, run_id: str | None) -> list[Any]:
+    if not run_id:
+        return []
+    try:
+        return [client.get_run(run_id)]
+    except Exception:  # noqa: BLE001 - gone (deleted by hand): found by its tag instead
+        return []
 
 
 _DRIVER_SENDERS: dict[str, SenderProcess | SpoolSender] = {}

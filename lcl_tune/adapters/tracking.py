@@ -346,8 +346,10 @@ def execute(record: dict[str, Any], state: dict[str, Any]) -> None:
     client = target.client()
     if op == "open":
         run_id, found = _open_trial_run(client, target, a["trial_id"], a["name"], a["tags"], a["params"], a.get("ts"))
-        if state.get("run_id") != run_id:  # a run this spool has not logged to: what it holds already counts
-            state["logged_step"] = _last_logged_step(client, run_id) if found else -1
+        # What a found run holds already counts, whatever this spool's acknowledgement says: it can be
+        # older than the store (a spool copied back from the storage URI, acknowledged after the copy).
+        mine = state.get("logged_step", -1) if state.get("run_id") == run_id else -1
+        state["logged_step"] = max(mine, _last_logged_step(client, run_id)) if found else mine
         state["run_id"] = run_id
     elif op == "metrics":
         # A period run again (a trial restored from a checkpoint older than its last report: a kill

@@ -36,9 +36,9 @@ from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.ablation import CELL_DIR, FINAL_DIR, Ablation, cell_name, cell_of, dev_cell_dir, load_cells
 from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
-from lcl_tune.adapters.place import StudySync, record_folder, relocate, sync_down
-from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, StudyPlace, _init_ray, best_row, check_resources,
-                     check_tracking_reach, run_study, study_place, sync_up, torn_ray_state, tune, wait_for_spools)
+from lcl_tune.adapters.place import StudyPlace, StudySync, record_folder, relocate, study_place, sync_down, sync_up
+from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, _init_ray, best_row, check_resources,
+                     check_tracking_reach, run_study, torn_ray_state, tune, wait_for_spools)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter, reported,
                                         showing_progress, trial_error_text)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details

@@ -208,8 +208,7 @@ class SpoolSender:
         self.spool.close()
         self._lockfile.close()
         if not drained:
-            log.warning(f"{self.what}: {len(self.spool.pending())} tracking records not sent yet; they are kept in "
-                        f"{self.spool.path} and sent at the end of the study or by lcl-tune sync")
+            warn_unsent(self.what, len(self.spool.pending()), self.spool.path)
         return drained
 
     def _loop(self) -> None:
@@ -279,9 +278,13 @@ class SenderProcess:
                 self.proc.wait()
         self.spool.close()
         if not drained:
-            log.warning(f"{self.what}: {self.spool.last_seq - self.spool.acked()['seq']} tracking records not sent "
-                        f"yet; they are kept in {self.spool.path} and sent at the end of the study or by lcl-tune sync")
+            warn_unsent(self.what, self.spool.last_seq - self.spool.acked()["seq"], self.spool.path)
         return drained
+
+
+def warn_unsent(what: str, n: int, path: Path) -> None:
+    log.warning(f"{what}: {n} tracking records not sent yet; they are kept in {path} and sent at the end of the "
+                "study or by lcl-tune sync")
 
 
 def _lock(fh: Any, deadline: float) -> bool:

@@ -44,8 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
-from lcl_tune.adapters.place import (StudyPlace, StudySync, exists, is_uri, record_folder, relocate,  # noqa: F401
-                                    study_place, sync_down, sync_up)
+from lcl_tune.adapters.place import StudySync, exists, record_folder, relocate, study_place, sync_down, sync_up
 from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, reported, showing_progress, strip_ansi,
                                         study_progress, trial_error_text, trial_log_tail, warn_on_error)
 from lcl_tune.analysis.progress import last_error_line

@@ -313,13 +313,16 @@ def test_a_trial_that_takes_over_an_orphan_logs_to_its_run(tmp_path):
 
 
 def test_the_driver_closes_a_run_by_the_id_its_trial_reported_without_searching(target, monkeypatch):
-    """A search of the store by tag grows with its runs; the trial reports its run's id, and the
-    close goes straight to it (and falls back to the search for a run id that is gone)."""
+    """A search of the store by tag grows with its runs, and a lookup by id loads all the run's
+    params; the trial reports its run's id, and the close goes straight to it (and falls back to
+    the search for a run id that is gone)."""
     run = T.TrialRun(target, "t7", TrialConfig().flat())
-    monkeypatch.setattr(T, "find_runs", lambda *a, **k: (_ for _ in ()).throw(AssertionError("searched")))
+    never = lambda *a, **k: (_ for _ in ()).throw(AssertionError("looked up"))  # noqa: E731
+    monkeypatch.setattr(T, "find_runs", never)
+    monkeypatch.setattr(type(run.client), "get_run", never)
     T.close_trial(target, "t7", "completed", cost=T.trial_cost(4.0, 1, 0), step=9, run_id=run.run_id, direct=True)
+    monkeypatch.undo()
     closed = run.client.get_run(run.run_id)
     assert closed.info.status == "FINISHED" and closed.data.tags[T.TAG_STATUS] == "completed"
-    monkeypatch.undo()
     T.close_trial(target, "t7", "completed", cost=T.trial_cost(4.0, 1, 0), step=9, run_id="0" * 32, direct=True)
     assert len(T.child_runs(target)) == 1  # the unknown id: found by its tag, not a second run

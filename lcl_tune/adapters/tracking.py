@@ -498,22 +498,33 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
     ``spool/driver.jsonl`` and sent by the driver's sender process (:func:`driver_sender`), so the
     driver never waits on the store. ``details`` (the last report's) are not needed any more: the
     trial's own sender drew its figure; taken so that records journalled by 0.2 still replay.
-    ``run_id``: the run, as the trial reported it; looked up by its id (a search of the store's
-    runs by tag otherwise, whose cost grows with the runs)."""
+    ``run_id``: the run, as the trial reported it; closed by its id (a search of the store's runs by
+    tag otherwise, whose cost grows with the runs)."""
     ts = ts if ts is not None else int(time.time() * 1000)
     if target.spool_dir and not direct:
         driver_sender(target.spool_dir).append("close", target=target.as_dict(), trial_id=trial_id, status=status,
                                                cost=dict(cost), error=error, step=step, ts=ts, run_id=run_id)
         return
     client = target.client()
-    found = _run_by_id(client, run_id) or find_runs(client, target.experiment_id,
-                                                    {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
+    if run_id:
+        try:  # straight to the run: a lookup first would load all its params, a third of a close's work
+            _finish_run(client, run_id, status, cost, error, step, ts)
+            return
+        except Exception:  # noqa: BLE001 - gone (deleted by hand), or the store failed: by its tag instead
+            log.debug("closing run %s by its id failed; looking it up by trial %s", run_id, trial_id, exc_info=True)
+    found = find_runs(client, target.experiment_id, {TAG_PARENT: target.parent_run_id, TAG_TRIAL: trial_id})
     if not found:  # the trial failed before it could create its run: create it now, so it is seen
         run_id = client.create_run(target.experiment_id, run_name=f"trial {trial_id}",
                                    tags={TAG_PARENT: target.parent_run_id, TAG_ROLE: "trial", TAG_TRIAL: trial_id}
                                    ).info.run_id
     else:
         run_id = found[0].info.run_id
+    _finish_run(client, run_id, status, cost, error, step, ts)
+
+
+def _finish_run(client: MlflowClient, run_id: str, status: str, cost: Mapping[str, float], error: str | None,
+                step: int, ts: int) -> None:
+    """The outcome's tags, the cost, the error's text, and the run's end."""
     tags = [RunTag(TAG_STATUS, status), RunTag(TAG_STOPPED, str(status == "stopped early").lower())]
     if error:
         tags.append(RunTag(TAG_ERROR, error.strip().splitlines()[-1][:4000] if error.strip() else "error"))
@@ -524,15 +535,6 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
             (Path(tmp) / "error.txt").write_text(error)
             client.log_artifact(run_id, str(Path(tmp) / "error.txt"))
     client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
-
-
-def _run_by_id(client: MlflowClient, run_id: str | None) -> list[Any]:
-    if not run_id:
-        return []
-    try:
-        return [client.get_run(run_id)]
-    except Exception:  # noqa: BLE001 - gone (deleted by hand): found by its tag instead
-        return []
 
 
 _DRIVER_SENDERS: dict[str, SenderProcess | SpoolSender] = {}

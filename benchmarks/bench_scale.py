@@ -113,25 +113,45 @@ def fake_report(params: dict, period: int, best: float | None, rng: random.Rando
     return report, details
 
 
-def open_run(runs: dict, trial_id: str, flat: dict) -> str | None:
-    """The trial's MLflow run, opened as a real trial opens it (found by its tag or created, with
-    its parameters), by the benchmark's run maker (:class:`RunMaker`) over a Unix socket: so that
-    these trial processes need not import MLflow. Returns its id, which the trial reports."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.connect(runs["socket"])
-        conn.sendall(json.dumps({"target": runs["target"], "trial_id": trial_id, "params": flat}).encode() + b"\n")
-        answer = json.loads(conn.makefile().readline())
-    return answer.get("run_id")
+class RunOpening:
+    """A trial's MLflow run, opened as a real trial opens it (found by its tag or created, with its
+    parameters), by the benchmark's run maker (:class:`RunMaker`) over a Unix socket, so that these
+    trial processes need not import MLflow. As in the real trainable, the trial does not wait for
+    it: it reports the run's id from the first period after the answer came."""
+
+    def __init__(self, runs: dict, trial_id: str, flat: dict):
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.conn.connect(runs["socket"])
+        ask = {"target": runs["target"], "trial_id": trial_id, "params": flat, "opened_ms": int(time.time() * 1000)}
+        self.conn.sendall(json.dumps(ask).encode() + b"\n")
+        self.conn.setblocking(False)
+        self.answer, self.run_id = b"", None
+
+    def poll(self) -> str | None:
+        if self.run_id is None and self.conn is not None:
+            try:
+                self.answer += self.conn.recv(4096)
+            except BlockingIOError:
+                return None
+            if self.answer.endswith(b"\n"):
+                self.run_id = json.loads(self.answer).get("run_id")
+                self.close()
+        return self.run_id
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, runs: dict | None = None,
                  flat: dict | None = None) -> None:
     """Sleep and report, as the real trainable reports (payload and checkpoint), resuming from a
-    checkpoint when there is one; with ``runs``, opening the trial's MLflow run first and
-    reporting its id, as the real trainable does."""
+    checkpoint when there is one; with ``runs``, having the trial's MLflow run opened and
+    reporting its id once it is known, as the real trainable does."""
     from ray import tune
 
-    run_id = open_run(runs, trial_id, flat or {}) if runs else None
+    opening = RunOpening(runs, trial_id, flat or {}) if runs else None
     entered, rng, first, best = time.time(), random.Random(trial_id), 1, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -147,13 +167,15 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, run
         metrics = {**report, "time/trial_wall_s": time.time() - start, "trial_id": trial_id, "node_id": "fake",
                    "time/entered_unix": entered, "time/reported_unix": time.time(), "data/shared": 0,
                    "details_json": json.dumps(details)}
-        if run_id:
-            metrics["mlflow_run_id"] = run_id
+        if opening is not None and opening.poll():
+            metrics["mlflow_run_id"] = opening.run_id
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps({"period": period, "best": best}))
             (Path(folder) / "details.json").write_text(json.dumps(details))
             (Path(folder) / "trial_config.yaml").write_text(json.dumps(config))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    if opening is not None:
+        opening.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +351,23 @@ def drive(contender: str, address: str, trials: int, period_s: float, out: Path)
               "run_queue_wait_s": wait1 - wait0, "on_cpu_s": run1 - run0,
               "scheduler_delay_fraction": (wait1 - wait0) / wall, "flagged": (wait1 - wait0) / wall > 0.10,
               "affinity": sorted(os.sched_getaffinity(0))}
+    if contender != "bare":
+        record["store"] = store_check(root / "runs" / "mlflow.db")
     out.write_text(json.dumps(record))
     shutil.rmtree(root, ignore_errors=True)
+
+
+def store_check(db: Path) -> dict[str, int]:
+    """The study's runs after the fit: one per trial, none left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("scale")
+    runs = client.search_runs([exp.experiment_id], max_results=50000) if exp else []
+    trials = [r for r in runs if r.data.tags.get("lcl_tune.role") == "trial"]
+    return {"trial_runs": len(trials), "trial_ids": len({r.data.tags.get("lcl_tune.trial_id") for r in trials}),
+            "left_running": sum(r.info.status == "RUNNING" for r in trials),
+            "closed_with_params": sum(bool(r.data.params) and r.info.status != "RUNNING" for r in trials)}
 
 
 def project_study(address: str, trials: int, period_s: float, root: Path) -> None:
@@ -437,15 +474,21 @@ class RunMaker:
                 for attempt in range(20):
                     try:
                         run_id, _ = T._open_trial_run(client, target, ask["trial_id"], f"trial {ask['trial_id']}", tags,
-                                                      ask["params"])
+                                                      ask["params"], opened_ms=ask["opened_ms"])
                         break
                     except Exception:  # noqa: BLE001 - the store locked by the driver's sender: again
                         if attempt == 19:
                             raise
                         time.sleep(0.2)
-                self.wfile.write(json.dumps({"run_id": run_id}).encode() + b"\n")
+                try:
+                    self.wfile.write(json.dumps({"run_id": run_id}).encode() + b"\n")
+                except OSError:  # the trial ended before its run was open: the driver closed it by its tag
+                    pass
 
-        self.server = socketserver.UnixStreamServer(self.path, Handler)
+        class Server(socketserver.UnixStreamServer):
+            request_queue_size = 4 * CONCURRENCY  # a trial's connect never waits for the ones before it
+
+        self.server = Server(self.path, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="run-maker")
         self.thread.start()
 

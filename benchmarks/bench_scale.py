@@ -14,7 +14,8 @@ driver process; the driver records which ``lcl_tune`` it imported.
 trainable's result payload (the engine's metric keys, ``details_json`` with the confusion matrix,
 per-class F1 and the trial's config) and a small checkpoint (state, details, config) per period.
 They do no MLflow calls of their own (the tracking parts measure the store), so they are not sent
-the tracking target.
+the tracking target, and the driver's close of each trial's run finds no run and creates it: more
+work than closing the run a real trial opened and reported (``close_ms``, measured here too).
 
 **Contenders**, the same trial shape (8 periods, ASHA with grace 1 and factor 2, 64 at a time,
 actors reused):
@@ -46,7 +47,6 @@ the "Scale: the driver" section of ``benchmarks/RESULTS.md`` (``--part report``)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import multiprocessing
@@ -113,45 +113,11 @@ def fake_report(params: dict, period: int, best: float | None, rng: random.Rando
     return report, details
 
 
-class RunOpening:
-    """A trial's MLflow run, opened as a real trial opens it (found by its tag or created, with its
-    parameters), by the benchmark's run maker (:class:`RunMaker`) over a Unix socket, so that these
-    trial processes need not import MLflow. As in the real trainable, the trial does not wait for
-    it: it reports the run's id from the first period after the answer came."""
-
-    def __init__(self, runs: dict, trial_id: str, flat: dict):
-        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.conn.connect(runs["socket"])
-        ask = {"target": runs["target"], "trial_id": trial_id, "params": flat, "opened_ms": int(time.time() * 1000)}
-        self.conn.sendall(json.dumps(ask).encode() + b"\n")
-        self.conn.setblocking(False)
-        self.answer, self.run_id = b"", None
-
-    def poll(self) -> str | None:
-        if self.run_id is None and self.conn is not None:
-            try:
-                self.answer += self.conn.recv(4096)
-            except BlockingIOError:
-                return None
-            if self.answer.endswith(b"\n"):
-                self.run_id = json.loads(self.answer).get("run_id")
-                self.close()
-        return self.run_id
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-
-
-def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, runs: dict | None = None,
-                 flat: dict | None = None) -> None:
+def fake_periods(params: dict, trial_id: str, config: dict, period_s: float) -> None:
     """Sleep and report, as the real trainable reports (payload and checkpoint), resuming from a
-    checkpoint when there is one; with ``runs``, having the trial's MLflow run opened and
-    reporting its id once it is known, as the real trainable does."""
+    checkpoint when there is one."""
     from ray import tune
 
-    opening = RunOpening(runs, trial_id, flat or {}) if runs else None
     entered, rng, first, best = time.time(), random.Random(trial_id), 1, None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -167,15 +133,11 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, run
         metrics = {**report, "time/trial_wall_s": time.time() - start, "trial_id": trial_id, "node_id": "fake",
                    "time/entered_unix": entered, "time/reported_unix": time.time(), "data/shared": 0,
                    "details_json": json.dumps(details)}
-        if opening is not None and opening.poll():
-            metrics["mlflow_run_id"] = opening.run_id
         with tempfile.TemporaryDirectory() as folder:
             (Path(folder) / "state.json").write_text(json.dumps({"period": period, "best": best}))
             (Path(folder) / "details.json").write_text(json.dumps(details))
             (Path(folder) / "trial_config.yaml").write_text(json.dumps(config))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-    if opening is not None:
-        opening.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,9 +339,7 @@ def project_study(address: str, trials: int, period_s: float, root: Path) -> Non
     def trainable(params: dict, study: Any, data: Any = None, w_data: Any = None, tracking: Any = None) -> None:
         from ray import tune
 
-        cfg = study.trial_config(params)
-        fake_periods(params, tune.get_context().get_trial_id(), cfg.to_dict(), period_s, runs=tracking,
-                     flat=cfg.flat())
+        fake_periods(params, tune.get_context().get_trial_id(), study.trial_config(params).to_dict(), period_s)
 
     SR.lcl_trainable = trainable
     SR.shared_data = lambda study: (None, None)
@@ -389,18 +349,15 @@ def project_study(address: str, trials: int, period_s: float, root: Path) -> Non
 
 
 def ship_only_what_trials_use() -> None:
-    """The fake trials are sent the tracking target as a plain dict with the run maker's socket
-    (``BENCH_RUNS_SOCKET``), not as the target object: unpickling that would import MLflow in each
-    of the 64 trial processes, about 1.5 s of core 1 apiece at start-up (outside the measured
-    windows, but 1.5 minutes of the benchmark's wall per contender)."""
+    """The fake trials make no MLflow calls, so they are not sent the tracking target: unpickling it
+    would import MLflow in each of the 64 trial processes, about 1.5 s of core 1 apiece at start-up
+    (outside the measured windows, but 1.5 minutes of the benchmark's wall per contender)."""
     from ray import tune
 
     original = tune.with_parameters
 
     def with_parameters(trainable: Any, **kwargs: Any) -> Any:
-        target = kwargs.pop("tracking", None)
-        if target is not None and os.environ.get("BENCH_RUNS_SOCKET"):
-            kwargs["tracking"] = {"socket": os.environ["BENCH_RUNS_SOCKET"], "target": dataclasses.asdict(target)}
+        kwargs.pop("tracking", None)
         return original(trainable, **kwargs)
 
     tune.with_parameters = with_parameters
@@ -451,52 +408,6 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-class RunMaker:
-    """Opens trials' MLflow runs for the fake trials, as a real trial's open does
-    (``tracking._open_trial_run``: found by its tag, else created with its parameters), in the
-    benchmark's own process pinned to Ray's core: the work a trial process does for its run, kept
-    out of the driver's figure as it is in a real study. One request at a time, retried while the
-    store is locked."""
-
-    def __init__(self, folder: Path):
-        import socketserver
-
-        from lcl_tune.adapters import tracking as T
-
-        self.path, clients = str(folder / "runs.sock"), {}
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                ask = json.loads(self.rfile.readline())
-                target = T.TrackingTarget(**ask["target"])
-                client = clients.setdefault(target.uri, target.client())
-                tags = {T.TAG_PARENT: target.parent_run_id, T.TAG_ROLE: "trial", T.TAG_TRIAL: ask["trial_id"]}
-                for attempt in range(20):
-                    try:
-                        run_id, _ = T._open_trial_run(client, target, ask["trial_id"], f"trial {ask['trial_id']}", tags,
-                                                      ask["params"], opened_ms=ask["opened_ms"])
-                        break
-                    except Exception:  # noqa: BLE001 - the store locked by the driver's sender: again
-                        if attempt == 19:
-                            raise
-                        time.sleep(0.2)
-                try:
-                    self.wfile.write(json.dumps({"run_id": run_id}).encode() + b"\n")
-                except OSError:  # the trial ended before its run was open: the driver closed it by its tag
-                    pass
-
-        class Server(socketserver.UnixStreamServer):
-            request_queue_size = 4 * CONCURRENCY  # a trial's connect never waits for the ones before it
-
-        self.server = Server(self.path, Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="run-maker")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def run_contender(contender: str, trials: int, period_s: float, env: dict[str, str], name: str | None = None) -> dict:
     """Start Ray on core 1, the contender's driver on core 0; return its record (its files are
     called ``name``, the contender's by default)."""
@@ -508,11 +419,6 @@ def run_contender(contender: str, trials: int, period_s: float, env: dict[str, s
     subprocess.run(start, check=True, capture_output=True, env=env)
     out = PARTS / f"{name}.raw.json"
     log = PARTS / f"{name}.log"
-    maker, affinity = None, os.sched_getaffinity(0)
-    if contender != "bare":  # bare Ray's trials make no runs
-        os.sched_setaffinity(0, {int(RAY_CORE)})  # a trial's work for its run: on the trials' core
-        maker = RunMaker(Path(tempfile.mkdtemp(prefix="runmaker-")))
-        env = {**env, "BENCH_RUNS_SOCKET": maker.path}
     try:
         with open(log, "w") as fh:
             subprocess.run(["taskset", "-c", DRIVER_CORE, sys.executable, __file__, "--drive", contender,
@@ -520,9 +426,6 @@ def run_contender(contender: str, trials: int, period_s: float, env: dict[str, s
                             "--out", str(out)], check=True, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=1500)
     finally:
         subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
-        if maker is not None:
-            maker.close()
-        os.sched_setaffinity(0, affinity)
     record = json.loads(out.read_text())
     out.unlink()
     return record
@@ -705,6 +608,32 @@ def tpe_suggest_ms(sizes: tuple[int, ...] = (100, 1000), reps: int = 5) -> dict[
     return out
 
 
+def close_ms(runs: int = 300, closes: int = 100) -> dict[str, float]:
+    """CPU per close of a trial's run in a SQLite store holding ``runs`` runs: of a run its trial
+    opened (with the trial config's parameters) and reported the id of, as in a real study; and of a
+    trial that opened none (the fake trials above), which the close looks for and creates."""
+    from lcl_tune.adapters import tracking as T
+    from lcl_tune.schema.trial import TrialConfig
+
+    root = Path(tempfile.mkdtemp(prefix="close-"))
+    try:
+        target = T.start_study("close", root / "study", uri=f"sqlite:///{root / 'mlflow.db'}")
+        client, cost, flat = target.client(), T.trial_cost(10.0, 1, 1), TrialConfig().flat()
+        tags = lambda i: {T.TAG_PARENT: target.parent_run_id, T.TAG_ROLE: "trial", T.TAG_TRIAL: f"t{i}"}  # noqa: E731
+        ids = [T._open_trial_run(client, target, f"t{i}", f"trial {i}", tags(i), flat)[0] for i in range(runs)]
+        start = time.process_time()
+        for i in range(closes):
+            T.close_trial(target, f"t{i}", "completed", cost=cost, step=80, direct=True, run_id=ids[i])
+        by_id = 1000 * (time.process_time() - start) / closes
+        start = time.process_time()
+        for i in range(closes):
+            T.close_trial(target, f"none{i}", "stopped early", cost=cost, step=10, direct=True)
+        created = 1000 * (time.process_time() - start) / closes
+        return {"by_reported_id": by_id, "searched_and_created": created, "runs_in_store": runs}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def random_value(d: Any, rng: random.Random) -> Any:
     if hasattr(d, "choices"):
         return rng.choice(d.choices)
@@ -870,6 +799,8 @@ def report() -> dict:
     result["tracking"] = {k: parts[f"tracking-{k}"] for k in ("sqlite", "postgresql") if f"tracking-{k}" in parts}
     if "tpe" in parts:
         result["tpe_suggest_ms"] = parts["tpe"]
+    if "close" in parts:
+        result["close_ms"] = parts["close"]
     if (PARTS / "walls.txt").exists():
         result["part_wall_s"] = json.loads((PARTS / "walls.txt").read_text())
         result["benchmark_wall_s"] = sum(result["part_wall_s"].values())
@@ -943,6 +874,12 @@ def markdown(r: dict) -> str:
         t = r["tpe_suggest_ms"]
         lines += ["", "TPE's own CPU per suggestion (the algorithm's, not the platform's): "
                   + ", ".join(f"{v:.1f} ms with {k} trials" for k, v in t.items()) + "."]
+    if r.get("close_ms"):
+        c = r["close_ms"]
+        lines += ["", f"The fake trials open no MLflow run, so the driver's close of each looks for it and creates it: "
+                  f"{c['searched_and_created']:.1f} ms of CPU a close in SQLite, against {c['by_reported_id']:.1f} ms for "
+                  "closing the run a real trial opened and reported the id of. The figures above are that much too high "
+                  "for a real study."]
     if r.get("tracking"):
         lines += ["", "Tracking store, 64 processes each replaying one trial's calls (open, 8 reports with "
                   "artifacts, close) at once:", "", "| store | failures | runs left RUNNING | "
@@ -979,7 +916,7 @@ def note_wall(part: str, seconds: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=["all", "current", "before", "bare", "tpe", "tracking-sqlite",
+    p.add_argument("--part", choices=["all", "current", "before", "bare", "tpe", "close", "tracking-sqlite",
                                       "tracking-postgresql", "report"], default="all")
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--before-trials", type=int, default=200)
@@ -992,7 +929,7 @@ def main() -> None:
     if args.drive:
         return drive(args.drive, args.address, args.trials, args.period_s, args.out)
     PARTS.mkdir(parents=True, exist_ok=True)
-    parts = ["current", "before", "bare", "tpe", "tracking-sqlite", "tracking-postgresql"] if args.part == "all" else [args.part]
+    parts = ["current", "before", "bare", "tpe", "close", "tracking-sqlite", "tracking-postgresql"] if args.part == "all" else [args.part]
     for part in parts:
         if part == "report":
             continue
@@ -1014,6 +951,8 @@ def main() -> None:
             record = run_contender(part, args.before_trials, args.period_s, clean_env(str(before_worktree())))
         elif part == "tpe":
             record = tpe_suggest_ms()
+        elif part == "close":
+            record = close_ms()
         else:
             record = tracking_part(part.split("-", 1)[1])
         (PARTS / f"{part}.json").write_text(json.dumps(record) + "\n")

@@ -19,7 +19,7 @@ TrialState = optuna.trial.TrialState
 METRIC = "best/dev/weighted_f1"
 
 
-def make_study(tmp_path: Path, space: dict | None = None, **search):
+def make_study(tmp_path: Path, space: dict | None = None, scheduler: dict | None = None, **search):
     tree = {
         "name": "unit",
         "base": {"data": {"preset": "sst5"}, "train": {"max_steps": 40, "eval_every": 10}},
@@ -32,6 +32,8 @@ def make_study(tmp_path: Path, space: dict | None = None, **search):
     }
     if space is not None:
         tree["space"] = space
+    if scheduler is not None:
+        tree["scheduler"] = scheduler
     path = tmp_path / "unit.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return load_study(path)
@@ -169,7 +171,8 @@ def test_sampler_arguments_follow_the_study(tmp_path):
     assert kwargs == {"seed": 0, "n_startup_trials": 2, "multivariate": True, "group": True, "constant_liar": True}
     assert sampler_kwargs(make_study(tmp_path, sampler_options={"n_startup_trials": 5, "gamma": None}))[
         "n_startup_trials"] == 5
-    assert isinstance(make_sampler(make_study(tmp_path, sampler="gp")), optuna.samplers.GPSampler)
+    assert isinstance(make_sampler(make_study(tmp_path, scheduler={"name": "fifo"}, sampler="gp")),
+                      optuna.samplers.GPSampler)
 
 
 def test_an_unknown_sampler_option_is_a_one_line_error(tmp_path):
@@ -299,3 +302,42 @@ def test_a_trial_missing_from_a_journal_behind_rays_state_is_asked_again_with_it
     (trial,) = journal_trials(journal)
     assert trial.user_attrs["ray_trial_id"] == "a" and trial.params == params and trial.state == TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == [1, 2, 3, 4]
+
+
+def test_a_repeated_point_of_a_finite_space_reuses_its_result_instead_of_training_again(tmp_path):
+    """Optuna's FAQ pattern: on a space of categoricals, a proposal equal to a finished point (run
+    to full length or stopped) is told that point's result, and the next proposal is asked for; a
+    Ray trial is only started for a point not finished yet. When every proposal repeats, the
+    space is searched: the searcher says it is finished."""
+    from ray.tune.search import Searcher
+
+    space = {"weighting.name": {"type": "categorical", "values": ["self", "ema"]},
+             "loss.temperature": {"type": "categorical", "values": [0.1, 0.3]}}
+    journal = tmp_path / "optuna.journal"
+    searcher = StudySearcher(make_study(tmp_path, space, sampler="random", num_samples=20), journal)
+    started = []
+    for k in range(20):
+        params = searcher.suggest(f"t{k}")
+        if params == Searcher.FINISHED:
+            break
+        started.append((params["weighting.name"], params["loss.temperature"]))
+        periods = 4 if k % 2 == 0 else 1  # every other trial ASHA stops after one period
+        searcher.on_trial_complete(f"t{k}", report(searcher, f"t{k}", periods, finished=periods == 4))
+    assert sorted(started) == sorted({(w, t) for w in ("self", "ema") for t in (0.1, 0.3)})  # each point trained once
+    trials = journal_trials(journal)
+    reused = [t for t in trials if "reused_from" in t.user_attrs]
+    assert reused and all("ray_trial_id" not in t.user_attrs for t in reused)
+    for t in reused:  # told exactly what the point it repeats got
+        first = trials[t.user_attrs["reused_from"]]
+        assert t.params == first.params and "reused_from" not in first.user_attrs
+        assert (t.state, t.value, t.intermediate_values) == (first.state, first.value, first.intermediate_values)
+    assert {t.user_attrs["ray_trial_id"] for t in trials if "ray_trial_id" in t.user_attrs} == {
+        f"t{k}" for k in range(len(started))}
+
+
+def test_a_continuous_space_never_reuses(tmp_path):
+    searcher = StudySearcher(make_study(tmp_path, sampler="random"), tmp_path / "optuna.journal")
+    for k in range(6):
+        searcher.suggest(f"t{k}")
+        searcher.on_trial_complete(f"t{k}", report(searcher, f"t{k}", 4, finished=True))
+    assert not any("reused_from" in t.user_attrs for t in journal_trials(tmp_path / "optuna.journal"))

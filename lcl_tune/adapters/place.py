@@ -31,7 +31,7 @@ SYNC_AFTER_END_S = 5.0
 DRIVER_FILE = "driver.json"  # where the driver kept the study: a resume elsewhere maps that folder to its own
 LIVE_FILES = ("study.yaml", "ablation.yaml", "command.txt", DRIVER_FILE, "optuna.journal", "progress.json", "spool",
               "cells", "tuned.json")  # what --resume needs, and what a user follows while the study runs
-END_FILES = (*LIVE_FILES, "results.parquet", "plots", "report")
+END_FILES = (*LIVE_FILES, "results.parquet", "rung_correlation.json", "plots", "report")
 
 
 def study_folder(storage: str | os.PathLike, name: str) -> Path:

@@ -150,6 +150,8 @@ class ProgressCallback(tune.Callback):
         self.snap = {"version": P.VERSION, **self.header, "host": socket.gethostname(), "pid": os.getpid(),
                      "started": now, "updated": now, "ended": None, "outcome": None,
                      "ray_status_log": P.RAY_STATUS_LOG, "trials": []}
+        if self.header.get("kind") == "study" and info.get("total_num_samples"):  # an extended study's new total
+            self.snap["total"] = int(info["total_num_samples"])
         self.rows = {}
         self._open_display()
         _ACTIVE.append(self)

@@ -49,6 +49,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
                       "pip install 'ray[tune]>=2.44' 'optuna>=4.0'") from e
 
 RAY_TRIAL_ATTR = "ray_trial_id"
+REUSED_ATTR = "reused_from"  # an Optuna trial told a finished point's result again (no Ray trial)
+MAX_REUSES_IN_A_ROW = 50  # proposals that all repeat finished points: the space is searched
 STATUS_COMPLETED, STATUS_STOPPED, STATUS_ERRORED = P.COMPLETED, P.STOPPED, P.ERRORED  # the project's words
 
 
@@ -196,6 +198,25 @@ def finished_periods(journal: str, study_name: str) -> dict[str, int]:
             if RAY_TRIAL_ATTR in t.user_attrs and "periods" in t.user_attrs}
 
 
+def point_key(params: dict[str, Any]) -> tuple:
+    """A point of the space, comparable and hashable."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def journal_curves(journal: str | Path, study_name: str) -> dict[str, dict[int, float]]:
+    """Optuna trial number -> {period: the metric ASHA saw}, of every trial the journal holds that
+    did not fail: the curves :mod:`lcl_tune.analysis.rungs` measures the rungs on."""
+    if not Path(journal).is_file():
+        return {}
+    try:
+        trials = optuna.load_study(study_name=study_name, storage=journal_storage(journal)).get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+    except KeyError:  # no such study in it yet
+        return {}
+    return {str(t.number): {int(k): float(v) for k, v in t.intermediate_values.items()} for t in trials
+            if REUSED_ATTR not in t.user_attrs}  # a repeated point's copy is not a second trial
+
+
 def make_scheduler(study: Study, journal: str | Path | None = None):
     """ASHA (or FIFO) as the study says; with the study's ``journal``, one that ends a trial the
     journal holds finished as the journal says (:class:`JournalDecides`)."""
@@ -294,6 +315,7 @@ class StudySearcher(Searcher):
         self._ostudy: Any = None
         self._trials: dict[str, Any] = {}  # Ray trial id -> optuna.Trial, this session's
         self._orphans: list[int] | None = None  # found once per session, at the first suggestion
+        self._done: dict[tuple, int] | None = None  # finished points of a space of categoricals
 
     # -- the Optuna study, opened lazily (a restored searcher reopens the journal) -----------
 
@@ -339,10 +361,48 @@ class StudySearcher(Searcher):
         on_takeover = getattr(self, "on_takeover", None)  # absent from a searcher pickled by 0.2.0
         if previous and on_takeover is not None:  # before the new trial starts: it opens that run
             on_takeover(previous, trial_id)
-        trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         params = self.space(trial)  # an orphan's parameters are suggested again: Optuna returns its own
+        reused = 0
+        while orphan is None and (earlier := self._finished_points().get(point_key(params))) is not None:
+            self._reuse(trial, earlier)  # Optuna's FAQ pattern: no second training of a finished point
+            reused += 1
+            if reused >= MAX_REUSES_IN_A_ROW:
+                log.info(f"the last {reused} proposals all repeated finished points: the space is searched")
+                return Searcher.FINISHED
+            trial = self.ostudy.ask()
+            params = self.space(trial)
+        trial.set_user_attr(RAY_TRIAL_ATTR, trial_id)
         self.numbers[trial_id], self._trials[trial_id] = trial.number, trial
         return params
+
+    def _finished_points(self) -> dict[tuple, int]:
+        """Of a space of categoricals only (a finite one): each finished point (run to full length
+        or stopped) -> the Optuna trial that ran it. Read from the journal once per session, then
+        kept by :meth:`on_trial_complete`; empty for any other space."""
+        if getattr(self, "_done", None) is None:  # absent from a searcher pickled by 0.2.0
+            self._done = {}
+            if self._finite():
+                for t in self.ostudy.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+                    if REUSED_ATTR not in t.user_attrs:
+                        self._done.setdefault(point_key(t.params), t.number)
+        return self._done
+
+    def _finite(self) -> bool:
+        return all(p.type == "categorical" for p in self.study.params)
+
+    def _reuse(self, trial: "optuna.Trial", number: int) -> None:
+        """Tell ``trial`` what trial ``number`` got at the same point: its periods, its outcome."""
+        earlier = self.ostudy.get_trials(deepcopy=False)[number]
+        trial.set_user_attr(REUSED_ATTR, number)
+        for key in ("status", "periods"):
+            if key in earlier.user_attrs:
+                trial.set_user_attr(key, earlier.user_attrs[key])
+        for step, value in sorted(earlier.intermediate_values.items()):
+            trial.report(value, step)
+        if earlier.state == TrialState.COMPLETE:
+            self.ostudy.tell(trial, earlier.value)
+        else:
+            self.ostudy.tell(trial, state=TrialState.PRUNED)
 
     def _orphan(self) -> "optuna.trial.FrozenTrial | None":
         """An Optuna trial asked for a Ray trial that Ray does not know (its driver was killed
@@ -387,6 +447,8 @@ class StudySearcher(Searcher):
                 self.ostudy.tell(trial, state=TrialState.PRUNED)
             else:
                 self.ostudy.tell(trial, float(value))
+            if status != STATUS_ERRORED and value is not None and self._finite():
+                self._finished_points().setdefault(point_key(trial.params), trial.number)
         except (RuntimeError, ValueError) as e:  # UpdateFinishedTrialError is a RuntimeError
             log.debug("trial %s not told again: %s", trial_id, e)
         self.told.add(trial_id)
@@ -410,11 +472,11 @@ class StudySearcher(Searcher):
         self.study, self.journal = state["study"], relocate(state["journal"])
         self.numbers, self.told = dict(state["numbers"]), set(state["told"])
         self.space, self._ostudy, self._trials = DefineByRun(self.study.params), None, {}
-        self._orphans = None
+        self._orphans = self._done = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # an open journal is reopened, not pickled; orphans are looked for again after a restore
-        return {**self.__dict__, "_ostudy": None, "_trials": {}, "_orphans": None}
+        # an open journal is reopened, not pickled; orphans and finished points are read again after a restore
+        return {**self.__dict__, "_ostudy": None, "_trials": {}, "_orphans": None, "_done": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from lcl_tune.adapters.place import relocate

@@ -7,6 +7,7 @@ Everything of a study lives in ``<storage>/<name>/``::
     ray/              Ray Tune's experiment folder (trial folders, checkpoints, searcher state)
     optuna.journal    the Optuna study (``optuna-dashboard optuna.journal``; ``optuna.load_study``)
     results.parquet   one row per trial: dotted config columns, final + best metrics, status, wall time
+    rung_correlation.json  how well each period's metric predicted the final one (ASHA's signal)
     progress.json     the live snapshot of the trials (``lcl-tune status``; :mod:`lcl_tune.adapters.progress`)
     ray_status.log    Ray's own status table and log lines (the terminal shows the progress table)
 
@@ -47,9 +48,10 @@ from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
 from lcl_tune.adapters.place import StudySync, exists, record_folder, relocate, study_place, sync_down, sync_up
 from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, reported, showing_progress, strip_ansi,
                                         study_progress, trial_error_text, trial_log_tail, warn_on_error)
+from lcl_tune.analysis import rungs as R
 from lcl_tune.analysis.progress import last_error_line
 from lcl_tune.adapters.searcher import (STATUS_COMPLETED, STATUS_ERRORED, STATUS_STOPPED, StudySearcher,
-                                        check_sampler_options, make_scheduler, trial_status)
+                                        check_sampler_options, journal_curves, make_scheduler, trial_status)
 from lcl_tune.adapters.trainable import lcl_trainable
 from lcl_tune.core.failures import error_kind
 from lcl_tune.util import atomic_write, log, redact
@@ -74,7 +76,7 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     check_sampler_options(study)
     if resume:
         sync_down(place)  # a driver on a new machine: the study's files from the storage URI
-    _check_folder(study, folder, ray_dir, resume)
+    grown_from = _check_folder(study, folder, ray_dir, resume)
     folder.mkdir(parents=True, exist_ok=True)
     record_folder(folder)
     _write_study(study, folder, command)
@@ -98,6 +100,9 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
 
     if resume:
         log.info(f"resuming study {study.name!r} from {ray_dir}")
+        if grown_from is not None:
+            log.info(f"extending study {study.name!r} from {grown_from} to {study.num_samples} trials")
+            raise_sample_count(ray_dir, study.num_samples)
         tuner = tune.Tuner.restore(ray_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
         slots = parallel_slots(study.max_concurrent, cluster, study.cpu, study.gpu)
@@ -112,22 +117,33 @@ def run_study(study: Study, storage: str | os.PathLike = "lcl_runs", *, resume: 
     t_fit = time.time() - start
     table = results_table(grid, study, place.remote)
     write_results(table, folder)
+    rungs = write_rung_correlation(study, folder)
     summarise_in_mlflow(target, table, study, folder)
     sync_up(place)
-    print_summary(table, study, folder, time.time() - start)
+    print_summary(table, study, folder, time.time() - start, rungs)
     table.attrs["timings"] = {"prepare_s": t_prepare, "fit_s": t_fit, "summary_s": time.time() - start - t_fit}
     return table
 
 
-def _check_folder(study: Study, folder: Path, ray_dir: str, resume: bool) -> None:
+def _check_folder(study: Study, folder: Path, ray_dir: str, resume: bool) -> int | None:
+    """Whether the study may start (or resume) in ``folder``; on ``--resume`` with a larger
+    ``search.num_samples`` and nothing else changed, the trials it had (an extension)."""
+    grown_from = None
     if resume:
         if not tune.Tuner.can_restore(ray_dir):
             raise ConfigError("--resume", f"no study to resume in {folder}",
                               "drop --resume to start it, or pass the --storage/--name it was started with")
         saved = load_study(folder / "study.yaml", check_files=False)
-        if saved.to_dict() != study.to_dict():
+        if saved.num_samples != study.num_samples:
+            if study.num_samples < saved.num_samples:
+                raise ConfigError("search.num_samples", f"{study.num_samples} is fewer than the {saved.num_samples} "
+                                  f"trials the study in {folder} was started with", "a study can be extended, not cut: "
+                                  f"pass search.num_samples={saved.num_samples} or more")
+            grown_from = saved.num_samples
+        if _without_budget(saved) != _without_budget(study):
             raise ConfigError("--resume", f"the study differs from the one started in {folder}",
-                              "resume with the same file and --set values, or start a new --name")
+                              "resume with the same file and --set values (only search.num_samples may grow: an "
+                              "extension), or start a new --name")
         torn = torn_ray_state(Path(ray_dir)) if "://" not in str(ray_dir) else []
         if torn:  # Ray would log that it cannot restore, and silently run every trial again
             raise ConfigError("--resume", f"{torn[0]} is torn (the driver was killed while Ray copied it into the "
@@ -135,6 +151,38 @@ def _check_folder(study: Study, folder: Path, ray_dir: str, resume: bool) -> Non
     elif exists(ray_dir):
         raise ConfigError("--name", f"{folder} already holds study {study.name!r}",
                           "pass --resume to continue it, or choose another --name")
+    return grown_from
+
+
+def _without_budget(study: Study) -> dict[str, Any]:
+    tree = study.to_dict()
+    tree["search"] = {k: v for k, v in tree["search"].items() if k != "num_samples"}
+    return tree
+
+
+def raise_sample_count(ray_dir: str, num_samples: int) -> None:
+    """Extend a study: Tune restores the number of trials to create from its saved search state
+    (``search_gen_state-*.json``, the newest: a cloudpickled dict), so the number is raised there
+    before the restore. The searcher then goes on asking the same Optuna study, which keeps what
+    it learned."""
+    import pyarrow.fs
+
+    import ray.cloudpickle as cloudpickle
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(ray_dir) if "://" in ray_dir else (pyarrow.fs.LocalFileSystem(), ray_dir)
+    files = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(base))
+             if Path(f.path).name.startswith("search_gen_state-") and f.path.endswith(".json")]
+    if not files:
+        raise ConfigError("search.num_samples", f"Ray saved no search state in {ray_dir}, so the study cannot be "
+                          "extended", "start a new --name with the trials you want")
+    newest = max(files)  # Ray's own pick (tune.utils.util._load_newest_checkpoint): names sort by time
+    with fs.open_input_stream(newest) as fh:
+        state = cloudpickle.loads(fh.readall())
+    state.update(total_samples=num_samples, finished=False)
+    tmp = newest + ".tmp"
+    with fs.open_output_stream(tmp) as fh:
+        fh.write(cloudpickle.dumps(state))
+    fs.move(tmp, newest)
 
 
 RAY_STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
@@ -472,7 +520,19 @@ def best_row(table: Any, study: Study) -> dict[str, Any] | None:
     return ok.loc[idx].to_dict()
 
 
-def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> None:
+def write_rung_correlation(study: Study, folder: Path) -> dict[str, Any]:
+    """How well each period's metric predicted the final one, from the journal's curves, written
+    beside ``results.parquet`` (:mod:`lcl_tune.analysis.rungs`)."""
+    curves = journal_curves(folder / "optuna.journal", study.name)
+    asha = study.scheduler == "asha" and study.time_unit == "period"
+    final = study.max_t if asha and study.max_t else max((p for c in curves.values() for p in c), default=0)
+    rungs = R.asha_rungs(study.grace_period, study.reduction_factor, final) if asha else []
+    doc = R.document(curves, final, rungs, study.grace_period, study.tune_metric)
+    R.write(folder, doc)
+    return doc
+
+
+def print_summary(table: Any, study: Study, folder: Path, seconds: float, rungs: dict[str, Any] | None = None) -> None:
     counts = table["status"].value_counts().to_dict() if len(table) else {}
     log.info(f"\nstudy {study.name!r}: {len(table)} trials in {seconds:.0f}s "
           f"({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -485,6 +545,8 @@ def print_summary(table: Any, study: Study, folder: Path, seconds: float) -> Non
         tail = trial_log_tail(row["path"]) if "://" not in str(row["path"]) else ""
         if tail:
             log.info("  its last lines (" + str(Path(row["path"]) / TRIAL_LOGS[1]) + "):\n    " + tail.replace("\n", "\n    "))
+    for line in R.lines(rungs) if rungs else []:
+        log.info(line)
     log.info(f"results: {folder / 'results.parquet'}\noptuna:  {folder / 'optuna.journal'}")
 
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from lcl_tune.analysis import rungs
 from lcl_tune.schema.trial import ConfigError, load_yaml
 from lcl_tune.util import json_safe
 
@@ -520,8 +521,10 @@ def status_report(folder: str | os.PathLike, snap: dict | None = None, now: floa
     snap = load_status(folder) if snap is None else snap
     tuning = [f"  tuning: {study_line(tuned, now)} [{state_line(tuned, now)}]"
               for tuned in map(read_snapshot, sorted((folder / "tune").glob(f"*/{SNAPSHOT}"))) if tuned is not None]
-    height = None if height is None else height - 1 - len(tuning)
-    return "\n".join([f"{folder}: {state_line(snap, now)}", render(snap, now, width, height), *tuning])
+    doc = rungs.read(folder)
+    signal = rungs.lines(doc) if doc else []
+    height = None if height is None else height - 1 - len(tuning) - len(signal)
+    return "\n".join([f"{folder}: {state_line(snap, now)}", render(snap, now, width, height), *tuning, *signal])
 
 
 def watch_status(folder: str | os.PathLike, stream: IO[str], every: float | None = None,

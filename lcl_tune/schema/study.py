@@ -349,6 +349,10 @@ def _check_settings(s: Study) -> None:
     C.check(s.max_concurrent >= 1, "search.max_concurrent", "must be >= 1", "use e.g. 2")
     C.check(s.max_t >= 0, "scheduler.max_t", "must be >= 1", "use e.g. 4, or leave it out: a trial's periods")
     C.check(s.reduction_factor > 1, "scheduler.reduction_factor", "must be > 1", "use 2, 3 or 4")
+    C.check(not (s.sampler == "gp" and s.scheduler == "asha"), "search.sampler",
+            "gp learns only from trials that ran to full length (Optuna's GPSampler skips stopped ones), and ASHA "
+            "stops most trials", "use sampler: tpe with ASHA (it learns from stopped trials too), or "
+            "scheduler: {name: fifo} with gp")
     C.check(s.cpu > 0, "resources.cpu", "must be > 0", "use e.g. 1")
     C.check(s.gpu >= 0, "resources.gpu", "must be >= 0", "use 0, a fraction such as 0.25, or whole GPUs")
     C.check(s.gpu <= 1 or float(s.gpu).is_integer(), "resources.gpu", f"fractions above 1 are not allowed, got {s.gpu}",

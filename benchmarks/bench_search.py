@@ -304,7 +304,7 @@ def simulate(table: dict, study: Any, searcher: Any, scheduler: Any, *, concurre
 
     def start() -> bool:
         nonlocal started
-        if started >= max_trials:
+        if started >= max_trials or spent_periods >= budget_periods:
             return False
         trial_id = f"t{started:04d}"
         config = searcher.suggest(trial_id)
@@ -340,7 +340,7 @@ def simulate(table: dict, study: Any, searcher: Any, scheduler: Any, *, concurre
                       "stopped": t["period"] < max_t, "best": t["best"], "ended_at_periods": spent_periods,
                       "ended_at_cpu_s": spent_cpu})
         del live[trial_id]
-        while len(live) < concurrency and spent_periods < budget_periods and start():
+        while len(live) < concurrency and start():
             pass
     return ended
 

@@ -107,7 +107,7 @@ def test_a_proposal_snaps_to_the_nearest_recorded_point_with_the_same_choices(be
 def test_sobol_points_cover_the_real_space_with_its_condition(bench):
     study = bench.load_space(periods=8)
     points = bench.sobol_points(study, 16)
-    lr = study.param("optim.lr") if hasattr(study, "param") else next(p for p in study.params if p.key == "optim.lr")
+    lr = next(p for p in study.params if p.key == "optim.lr")
     assert (lr.low, lr.high) == bench.LR_RANGE
     assert all(("weighting.ema_alpha" in p) == (p["weighting.name"] == "ema") for p in points)
     assert {p["weighting.name"] for p in points} == {"separate", "self", "ema", "uniform"}

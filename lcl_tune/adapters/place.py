@@ -42,6 +42,13 @@ def is_uri(storage: str | os.PathLike) -> bool:
     return "://" in str(storage)
 
 
+def filesystem_of(path: str) -> tuple[Any, str]:
+    """The pyarrow filesystem of a local path or a storage URI, and the path inside it."""
+    from pyarrow import fs
+
+    return fs.FileSystem.from_uri(path) if is_uri(path) else (fs.LocalFileSystem(), path)
+
+
 def driver_home() -> Path:
     """The driver's folder for studies with remote storage: ``$LCL_TUNE_HOME``, else ``~/lcl_runs``."""
     return Path(os.environ.get(HOME_ENV) or Path.home() / "lcl_runs").expanduser().resolve()
@@ -112,7 +119,7 @@ def exists(path: str) -> bool:
     """A local path or a storage URI (s3://, gs://, file://...) exists."""
     from pyarrow import fs
 
-    filesystem, inner = fs.FileSystem.from_uri(path) if is_uri(path) else (fs.LocalFileSystem(), path)
+    filesystem, inner = filesystem_of(path)
     return filesystem.get_file_info(inner).type != fs.FileType.NotFound
 
 

@@ -45,7 +45,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extras
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
-from lcl_tune.adapters.place import StudySync, exists, record_folder, relocate, study_place, sync_down, sync_up
+from lcl_tune.adapters.place import (StudySync, exists, filesystem_of, record_folder, relocate, study_place, sync_down,
+                                    sync_up)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, parallel_slots, ray_status_reporter, reported, showing_progress, strip_ansi,
                                         study_progress, trial_error_text, trial_log_tail, warn_on_error)
 from lcl_tune.analysis import rungs as R
@@ -169,7 +170,7 @@ def raise_sample_count(ray_dir: str, num_samples: int) -> None:
 
     import ray.cloudpickle as cloudpickle
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(ray_dir) if "://" in ray_dir else (pyarrow.fs.LocalFileSystem(), ray_dir)
+    fs, base = filesystem_of(ray_dir)
     files = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector(base))
              if Path(f.path).name.startswith("search_gen_state-") and f.path.endswith(".json")]
     if not files:

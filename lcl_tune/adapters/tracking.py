@@ -507,7 +507,7 @@ def close_trial(target: TrackingTarget, trial_id: str, status: str, *, cost: Map
         return
     client = target.client()
     if run_id:
-        try:  # straight to the run: a lookup first would load all its params, a third of a close's work
+        try:  # straight to the run: a lookup first (get_run) would load all its params and tags
             _finish_run(client, run_id, status, cost, error, step, ts)
             return
         except Exception:  # noqa: BLE001 - gone (deleted by hand), or the store failed: by its tag instead

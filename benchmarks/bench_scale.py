@@ -95,10 +95,12 @@ def synthetic_quality(params: dict) -> float:
     return 0.72 - 0.25 * (math.log10(lr) + 4.0) ** 2 - 0.3 * (lam - 0.4) ** 2 - 0.03 * math.log(tau / 0.2) ** 2 + bonus
 
 
-def fake_report(params: dict, period: int, best: float | None, rng: random.Random, start: float) -> tuple[dict, dict]:
+def fake_report(params: dict, period: int, best: float | None, rng: random.Random, start: float,
+                curve: list[float] | None = None) -> tuple[dict, dict]:
     """The keys the engine reports per period, a learning curve rising to the configuration's
-    quality, and the details (3 classes)."""
-    value = synthetic_quality(params) * (1 - 0.55 ** period) / (1 - 0.55 ** PERIODS) + rng.gauss(0, 0.005)
+    quality (or ``curve``'s value for the period: a recorded one), and the details (3 classes)."""
+    value = (curve[period - 1] if curve is not None else
+             synthetic_quality(params) * (1 - 0.55 ** period) / (1 - 0.55 ** PERIODS) + rng.gauss(0, 0.005))
     best = value if best is None else max(best, value)
     step = 10 * period
     report = {"step": step, "period": period, "epoch": round(step * 16 / 640, 4), "samples": step * 16,
@@ -113,9 +115,9 @@ def fake_report(params: dict, period: int, best: float | None, rng: random.Rando
     return report, details
 
 
-def fake_periods(params: dict, trial_id: str, config: dict, period_s: float) -> None:
+def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, curve: list[float] | None = None) -> None:
     """Sleep and report, as the real trainable reports (payload and checkpoint), resuming from a
-    checkpoint when there is one."""
+    checkpoint when there is one; ``curve``: the dev score of each period (``fake_report``)."""
     from ray import tune
 
     entered, rng, first, best = time.time(), random.Random(trial_id), 1, None
@@ -127,7 +129,7 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float) -> 
     start = time.time()
     for period in range(first, PERIODS + 1):
         time.sleep(period_s)
-        report, details = fake_report(params, period, best, rng, start)
+        report, details = fake_report(params, period, best, rng, start, curve)
         best = report["best/dev/weighted_f1"]
         details = {**details, "trial_config": config, "data_fingerprint": "fake", "metrics": dict(report)}
         metrics = {**report, "time/trial_wall_s": time.time() - start, "trial_id": trial_id, "node_id": "fake",

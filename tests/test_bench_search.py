@@ -77,7 +77,7 @@ def test_the_replay_makes_ashas_decisions_as_computed_by_hand(bench, tmp_path):
         (0, 4, False, 4), (1, 1, True, 5), (2, 4, False, 9), (3, 1, True, 10)]
     assert [e["ended_at_cpu_s"] for e in ended] == [4.0, 6.0, 10.0, 11.0]  # B's period costs 2 CPU-seconds
     assert searcher.told == [("t0000", 4, 0.8), ("t0001", 1, 0.4), ("t0002", 4, 0.6), ("t0003", 1, 0.45)]
-    curve = bench.regret_curve(tiny_table(), ended)
+    curve = bench.regret_curve(bench.TableWorld(tiny_table(), study), ended)
     assert curve == [(4, pytest.approx(2.0)), (5, pytest.approx(2.0)), (9, pytest.approx(2.0)), (10, pytest.approx(2.0))]
     assert bench.regret_at(curve, 3) == 1.0 and bench.regret_at(curve, 9) == pytest.approx(2.0)
 
@@ -136,8 +136,9 @@ def synthetic_table(bench, n: int = 32, periods: int = 4) -> dict:
 
 def test_every_contender_replays_and_the_figures_hold_the_acceptance_keys(bench):
     table = synthetic_table(bench)
-    replays = bench.replay(table, list(bench.CONTENDERS), seeds=3)
-    assert {n: len(r) for n, r in replays.items()} == {n: 3 for n in bench.CONTENDERS}
+    names = [n for n in bench.CONTENDERS if n != "dehb"]  # DEHB's own environment: its adapter is tested below
+    replays = bench.replay(table, names, seeds=3)
+    assert {n: len(r) for n, r in replays.items()} == {n: 3 for n in names}
     for runs in replays.values():
         for ended in runs:
             spent = [e["ended_at_periods"] for e in ended]
@@ -145,10 +146,74 @@ def test_every_contender_replays_and_the_figures_hold_the_acceptance_keys(bench)
     full = [e["periods"] for run in replays["random"] for e in run]
     assert set(full) == {4}  # full-length random search: every trial runs to the end
     assert any(e["stopped"] for run in replays["asha_random"] for e in run)
-    doc = bench.figures(table, replays)
+    doc = bench.figures(bench.TableWorld(table, bench.load_space(4)), replays, 4)
     assert set(doc["regret_ratio_vs_random"]) == {"median", "ci_low", "ci_high"}
     assert doc["regret_ratio_vs_random"]["ci_low"] <= doc["regret_ratio_vs_random"]["ci_high"]
     assert doc["speedup_to_random_median"] > 0
     ranks = [c["mean_rank"] for c in doc["contenders"].values()]
     assert sum(ranks) == pytest.approx(15) and all(1 <= r <= 5 for r in ranks)  # 5 contenders ranked per seed
     assert all(0 <= p <= 1 for n, c in doc["contenders"].items() if n != "default" for p in [c["wilcoxon_vs_default_p"]])
+
+
+class FakeDEHB:
+    """DEHB's process, scripted: asks for A at fidelity 1, B at 2, C at 4, D at 4, then A at 4."""
+
+    def __init__(self):
+        self.jobs = [("A", 1), ("B", 2), ("C", 4), ("D", 4), ("A", 4)]
+        self.told, self.asked = [], 0
+
+    def call(self, msg):
+        if msg["op"] == "ask":
+            name, fidelity = self.jobs[self.asked % len(self.jobs)]
+            self.asked += 1
+            return {"job": self.asked - 1, "fidelity": fidelity, "config": {"optim.lr": LR[name], "weighting.name": "self"}}
+        self.told.append((msg["job"], msg["fitness"], msg["cost"]))
+        return {"ok": True}
+
+
+def test_dehb_jobs_train_from_scratch_to_their_fidelity_and_dehb_is_told_the_best_score(bench, tmp_path):
+    study, process = tiny_study(tmp_path), FakeDEHB()
+    searcher = bench.DEHBSearcher(process, study.tune_metric)
+    ended = bench.simulate(tiny_table(), study, searcher, bench.DEHBScheduler(searcher), concurrency=1,
+                           budget_periods=15)
+    assert [(e["point"], e["periods"], e["stopped"]) for e in ended] == [
+        (0, 1, True), (1, 2, True), (2, 4, False), (3, 4, False), (0, 4, False)]
+    # C's best over 4 periods is its first 0.6; each job's cost is its own periods, from scratch
+    assert process.told == [(0, -0.5, 1), (1, -0.5, 2), (2, -0.6, 4), (3, -0.7, 4), (4, -0.8, 4)]
+    assert [e["ended_at_periods"] for e in ended] == [1, 3, 7, 11, 15]
+
+
+def test_seed_residuals_are_each_runs_deviation_from_its_points_mean(bench):
+    table = {"noise_points": [3], "points": [{"index": 3, "periods": [{"dev/weighted_f1": 0.5}, {"dev/weighted_f1": 0.7}]},
+                                             {"index": 4, "periods": [{"dev/weighted_f1": 0.1}, {"dev/weighted_f1": 0.1}]}],
+             "noise": [{"index": 3, "periods": [{"dev/weighted_f1": 0.7}, {"dev/weighted_f1": 0.7}]}]}
+    res = bench.seed_residuals(table)  # mean curve (0.6, 0.7); two runs: scaled by sqrt(2)
+    assert res == [pytest.approx([-0.1 * 2 ** 0.5, 0.0]), pytest.approx([0.1 * 2 ** 0.5, 0.0])]
+    assert bench.seed_noise_sd(table) == pytest.approx(0.0)  # the final period does not vary
+
+
+def test_the_surrogate_learns_a_smooth_table_and_adds_the_measured_noise(bench):
+    table = synthetic_table(bench)
+    table.update(noise_points=[0], noise=[{**table["points"][0], "index": 0,
+                                           "periods": [{**p, "dev/weighted_f1": p["dev/weighted_f1"] + 0.05}
+                                                       for p in table["points"][0]["periods"]]}])
+    table["points"][0]["index"] = 0
+    study = bench.load_space(4)
+    loo = bench.surrogate_loo(table, study)
+    assert loo["n"] == 32 and loo["held_out_spearman"] > 0.8  # the synthetic quality is a smooth bowl in log lr
+    model = bench.Surrogate(table, study)
+    world = bench.SurrogateWorld(model, seed=0)
+    point = table["points"][5]
+    mean, held = model.mean(point["point"])
+    arm = world.arm(point["point"])
+    assert abs(held - point["held_out"]["test/weighted_f1"]) < 0.05 and arm["held_out"] == held
+    assert [round(a - m, 9) for a, m in zip(arm["dev"], mean)] in [[round(-0.05 / 2 ** 0.5, 9)] * 4, [round(0.05 / 2 ** 0.5, 9)] * 4]
+    assert arm["cpu_s"] == model.cpu[bench.point_coords(study, point["point"])[0]] and arm["point"] is None
+    assert model.median < model.best
+
+
+def test_the_two_replays_agree_only_when_both_verdicts_match(bench):
+    met = {"regret_ratio_vs_random": {"median": 0.4, "ci_low": 0.2, "ci_high": 0.9}, "speedup_to_random_median": 3.5}
+    missed = {"regret_ratio_vs_random": {"median": 0.4, "ci_low": 0.2, "ci_high": 1.2}, "speedup_to_random_median": 3.5}
+    assert bench.agreement(met, met)["agree"] and bench.agreement(met, met)["table"]["ratio_goal_met"]
+    assert not bench.agreement(met, missed)["agree"] and not bench.agreement(met, missed)["surrogate"]["ratio_goal_met"]

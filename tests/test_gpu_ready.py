@@ -1,0 +1,77 @@
+"""The GPU path, tested where the CPU cannot see it: each test simulates what only a GPU would show.
+
+Host syncs: on a GPU, a Python-level read of a device tensor (``bool(t)``, ``t.item()``, ``float(t)``,
+``t.tolist()``, ``t.cpu()``…) stalls the CPU until the device catches up. On the CPU they cost
+nothing, so a test counts them instead: every such call made from ``lcl_tune``'s own code (not
+from torch's, e.g. AdamW's step counters on the CPU) during training steps outside the logging and
+evaluation windows must be zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lcl_tune
+from lcl_tune.core.engine import Trainer
+from lcl_tune.core.weighting import REGISTRY
+
+PACKAGE = str(Path(lcl_tune.__file__).resolve().parent)
+SYNCS = ("__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def counting_host_syncs():
+    """Patch the tensor reads that sync a device; yield the list of (method, file, line) of those
+    called from ``lcl_tune``'s frames."""
+    calls: list[tuple[str, str, int]] = []
+    originals = {name: torch.Tensor.__dict__.get(name) for name in SYNCS}
+
+    def counted(name: str, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PACKAGE):
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in SYNCS:
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
+
+
+def test_the_counter_sees_a_sync_in_project_code_and_not_in_torchs():
+    """The counter itself: a read from a frame in lcl_tune counts, one from elsewhere does not."""
+    from lcl_tune.core import losses
+
+    t = torch.tensor([1.0])
+    with counting_host_syncs() as calls:
+        bool(t), t.item(), float(t)  # this test's frames: not lcl_tune's
+        assert calls == []
+        with pytest.raises(ValueError):  # lcl_tune's label check reads a tensor to build its message
+            losses.label_aware_contrastive_loss(torch.randn(2, 3), torch.tensor([0, 5]), torch.ones(2, 2) / 2, 0.3)
+    assert calls and all(c[1].startswith(PACKAGE) for c in calls)
+
+
+@pytest.mark.parametrize("loss,weighting", [("ce", "self"), ("scl", "self"),
+                                            *[("lcl", name) for name in sorted(REGISTRY)]])
+def test_a_training_step_reads_nothing_back_from_the_device(tiny_cfg, loss, weighting):
+    trainer = Trainer(tiny_cfg(loss__name=loss, loss__lam=0.5 if loss != "ce" else 1.0, weighting__name=weighting,
+                               train__log_every=100, train__eval_every=100, train__max_steps=100), progress=False)
+    batches = trainer.epoch_batches(0)
+    trainer._step(batches[0])  # the first step may set things up (optimiser state)
+    with counting_host_syncs() as calls:
+        for rows in batches[1:4]:
+            trainer._step(rows)
+    assert calls == [], f"host syncs in a training step: {calls}"

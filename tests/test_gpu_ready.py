@@ -75,3 +75,16 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_cfg, loss, weig
         for rows in batches[1:4]:
             trainer._step(rows)
     assert calls == [], f"host syncs in a training step: {calls}"
+
+
+def test_labels_outside_the_names_are_refused_once_when_the_data_are_prepared(tiny_cfg):
+    """The range check the loss no longer makes per step, made once on the host."""
+    import dataclasses
+
+    from lcl_tune.core.engine import prepare_trial_data
+
+    data, _ = prepare_trial_data(tiny_cfg(), progress=False)
+    bad = dataclasses.replace(data.dev, labels=data.dev.labels.copy())
+    bad.labels[3] = data.num_labels
+    with pytest.raises(ValueError, match=r"dev labels lie in \[0, 4\], outside \[0, 4\)"):
+        dataclasses.replace(data, dev=bad)

@@ -692,6 +692,16 @@ class PreparedData:
     cache_key: str  # data fingerprint + tokenizer identity + max_length
     source: str = ""
 
+    def __post_init__(self) -> None:
+        """Every label in ``[0, num_labels)``, checked once here, on the host: the training loop's
+        loss then need not check it per step (a device sync on a GPU)."""
+        for name, split in self.splits().items():
+            if split is not None and len(split.labels):
+                low, high = int(split.labels.min()), int(split.labels.max())
+                if low < 0 or high >= self.num_labels:
+                    raise ValueError(f"{name} labels lie in [{low}, {high}], outside [0, {self.num_labels}) "
+                                     f"of the {self.num_labels} label names {self.label_names[:5]}…")
+
     @property
     def num_labels(self) -> int:
         return len(self.label_names)

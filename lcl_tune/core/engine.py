@@ -242,7 +242,8 @@ class Trainer:
         elif self.weighting is not None:  # lcl with λ < 1
             with self.rng.use("weighting_dropout"):
                 w = self.weighting(batch, logits, loss.lam)
-            contrastive = label_aware_contrastive_loss(cls, labels, w.probs, loss.temperature)
+            # labels were range-checked once, in PreparedData: no host sync per step
+            contrastive = label_aware_contrastive_loss(cls, labels, w.probs, loss.temperature, check_labels=False)
             extra = w.loss
         total = mixed_objective(ce, contrastive, loss.lam if loss.name != "ce" else 1.0)
         if contrastive is not None:

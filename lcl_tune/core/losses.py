@@ -63,7 +63,8 @@ __all__ = ["label_aware_contrastive_loss", "supervised_contrastive_loss", "mixed
 # --------------------------------------------------------------------------------------------------
 
 
-def label_aware_contrastive_loss(features: Tensor, labels: Tensor, class_probs: Tensor, temperature: float) -> Tensor:
+def label_aware_contrastive_loss(features: Tensor, labels: Tensor, class_probs: Tensor, temperature: float,
+                                 *, check_labels: bool = True) -> Tensor:
     """Label-aware contrastive loss (LCL) of Suresh & Ong (2021); see the module docstring.
 
     Args:
@@ -72,6 +73,9 @@ def label_aware_contrastive_loss(features: Tensor, labels: Tensor, class_probs: 
         class_probs: [M, C] non-negative weights, normally probabilities (rows summing to 1) that
             row ``i`` belongs to class ``c``. Not detached: gradients reach the weighting network.
         temperature: tau > 0.
+        check_labels: check that every label lies in ``[0, C)``. That reads a value back from the
+            device (a host sync on a GPU), so the training loop, whose labels were checked once
+            when the data were prepared (``PreparedData``), passes False.
 
     Returns:
         A scalar: float64 for float64 inputs, float32 otherwise (also under autocast).
@@ -81,7 +85,7 @@ def label_aware_contrastive_loss(features: Tensor, labels: Tensor, class_probs: 
             labels outside ``[0, C)`` or ``temperature <= 0``.
     """
     _check_features_labels(features, labels)
-    _check_class_probs(class_probs, labels, features.shape[0])
+    _check_class_probs(class_probs, labels, features.shape[0], check_labels)
     tau = _check_temperature(temperature)
     if features.shape[0] < 2:  # no pair at all: nothing to contrast
         return _attached_zero(features, class_probs)
@@ -205,7 +209,7 @@ def _attached_zero(*tensors: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Validation (shape/dtype checks are free; the label range check costs one device sync)
+# Validation (shape/dtype checks are free; the label range check costs one device sync: optional)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -222,7 +226,7 @@ def _check_features_labels(features: Tensor, labels: Tensor) -> None:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
 
 
-def _check_class_probs(class_probs: Tensor, labels: Tensor, m: int) -> None:
+def _check_class_probs(class_probs: Tensor, labels: Tensor, m: int, check_labels: bool = True) -> None:
     if not isinstance(class_probs, Tensor) or class_probs.ndim != 2 or class_probs.shape[0] != m:
         raise ValueError(f"class_probs must be a [M, C] tensor with M = {m}, got shape {_shape(class_probs)}")
     if not class_probs.is_floating_point():
@@ -230,7 +234,7 @@ def _check_class_probs(class_probs: Tensor, labels: Tensor, m: int) -> None:
     c = class_probs.shape[1]
     if c == 0:
         raise ValueError("class_probs must have at least one class column (C >= 1)")
-    if labels.numel() and bool(((labels < 0) | (labels >= c)).any()):
+    if check_labels and labels.numel() and bool(((labels < 0) | (labels >= c)).any()):
         raise ValueError(
             f"labels must lie in [0, C) = [0, {c}) to index class_probs, got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"

@@ -88,3 +88,43 @@ def test_labels_outside_the_names_are_refused_once_when_the_data_are_prepared(ti
     bad.labels[3] = data.num_labels
     with pytest.raises(ValueError, match=r"dev labels lie in \[0, 4\], outside \[0, 4\)"):
         dataclasses.replace(data, dev=bad)
+
+
+# ---- out of memory, however the GPU reports it (point 5)
+
+GPU_OOM_TEXTS = [
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.69 GiB total capacity)",
+    "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+    "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED",
+]
+
+
+@pytest.mark.parametrize("text", GPU_OOM_TEXTS)
+def test_every_way_a_shared_gpu_reports_running_out_of_memory_is_out_of_memory(text):
+    """A shared GPU reports a failed allocation as a plain RuntimeError from cuBLAS or CUDA, not
+    only as torch.cuda.OutOfMemoryError; each is a resource problem, retried."""
+    from lcl_tune.core.failures import TrialOutOfMemory, error_kind, oom_is_a_resource_problem
+
+    with pytest.raises(TrialOutOfMemory):
+        with oom_is_a_resource_problem(gpu=0.5, batch_size=32):
+            raise RuntimeError(text)
+    assert error_kind(f"Traceback …\nRuntimeError: {text}") == "out of memory"
+
+
+def test_a_plain_error_stays_an_exception():
+    from lcl_tune.core.failures import error_kind, oom_is_a_resource_problem
+
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes"):
+        with oom_is_a_resource_problem(gpu=0.5, batch_size=32):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+    assert error_kind("RuntimeError: mat1 and mat2 shapes cannot be multiplied") == "exception"
+
+
+def test_the_gpu_benchmark_classifies_out_of_memory_with_the_cores_function():
+    import importlib
+
+    from lcl_tune.core import failures
+
+    bench_gpu = importlib.import_module("benchmarks.bench_gpu")
+    assert bench_gpu.is_oom is failures.is_oom

@@ -84,6 +84,7 @@ sys.path.insert(0, str(REPO))
 from lcl_tune.schema import trial as C  # noqa: E402
 from lcl_tune.core import memory as M  # noqa: E402
 from lcl_tune.core.data import PreparedData, TokenizedSplit, batch_indices  # noqa: E402
+from lcl_tune.core.failures import is_oom  # noqa: E402  (the core's: a study classifies the same way)
 
 # ============================================================================================
 # Reference figures and recorded data statistics
@@ -369,10 +370,6 @@ def time_trainer(trainer: Any, *, warmup_steps: int, windows: Iterator[tuple[flo
 # ============================================================================================
 # Building cases
 # ============================================================================================
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 def device_name(device: str) -> str:

@@ -128,3 +128,21 @@ def test_the_gpu_benchmark_classifies_out_of_memory_with_the_cores_function():
 
     bench_gpu = importlib.import_module("benchmarks.bench_gpu")
     assert bench_gpu.is_oom is failures.is_oom
+
+
+# ---- the GPU check on a bare GPU machine: torch and transformers, nothing else (point 7)
+
+BARE = ("ray", "optuna", "mlflow", "pyarrow", "pandas", "datasets", "sklearn")
+
+
+def test_the_gpu_check_imports_on_a_machine_with_only_torch_and_transformers():
+    """``python -m benchmarks.bench_gpu`` on the lent GPU machine, which has torch and transformers
+    but no Ray, Optuna, MLflow or pyarrow: simulated by blocking those imports."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (f"import sys\nfor name in {BARE!r}:\n    sys.modules[name] = None\n"
+            "import runpy\nsys.argv = ['bench_gpu', '--help']\nrunpy.run_module('benchmarks.bench_gpu', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage" in out.stdout

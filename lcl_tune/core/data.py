@@ -24,14 +24,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from lcl_tune.schema.trial import DATA_ENV, ConfigError, DataConfig, check_data_file, file_format, preset_root
 from lcl_tune.util import log
+
+if TYPE_CHECKING:  # imported where used: the GPU check runs on machines without pyarrow
+    import pyarrow as pa
 
 CACHE_FORMAT = "lcl_tune-tokenized-v1"
 """Part of every cache key: bump it when the cache layout changes so stale caches are ignored."""
@@ -270,6 +272,7 @@ def read_table(path: str, fmt: str, encoding: str = "utf-8") -> pa.Table:
             parse_options=pcsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=True),
         )
     if fmt == "jsonl":
+        import pyarrow as pa
         import pyarrow.json as pjson
 
         raw = Path(path).read_bytes()
@@ -285,6 +288,8 @@ def read_table(path: str, fmt: str, encoding: str = "utf-8") -> pa.Table:
 
 def _file_columns(d: DataConfig, key: str, path: str) -> tuple[list[str], list[Any]]:
     """Texts and raw label values of one local file; config-attributable problems are ConfigErrors."""
+    import pyarrow as pa
+
     if not Path(path).is_file():
         raise ConfigError(f"data.{key}", f"file not found: {path}",
                           "check the path (relative paths are relative to the config file)")
@@ -823,6 +828,8 @@ def tokenize_split(split: RawSplit, tokenizer: Any, max_length: int, batch: int 
 
 
 def _write_split(path: Path, split: TokenizedSplit) -> None:
+    import pyarrow as pa
+
     ids = pa.ListArray.from_arrays(pa.array(split.offsets.astype(np.int32)), pa.array(split.ids, type=pa.int32()))
     table = pa.table({"input_ids": ids, "label": pa.array(split.labels, type=pa.int64())})
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -830,6 +837,8 @@ def _write_split(path: Path, split: TokenizedSplit) -> None:
 
 
 def _read_split(path: Path) -> TokenizedSplit:
+    import pyarrow as pa
+
     with pa.OSFile(str(path), "rb") as source:
         table = pa.ipc.open_file(source).read_all()
     col = table.column("input_ids").combine_chunks()
@@ -884,6 +893,8 @@ def prepare_data(d: DataConfig, tokenizer: Any, max_length: int, *, raw: RawData
     key = cache_key(fingerprint, identity, max_length)
     folder = cache_root(d) / key
     if (folder / "meta.json").is_file():
+        import pyarrow as pa
+
         try:
             meta, splits = _read_cache(folder)
             _log(progress, f"cache hit {key} ({folder})")

@@ -146,3 +146,31 @@ def test_the_gpu_check_imports_on_a_machine_with_only_torch_and_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage" in out.stdout
+
+
+# ---- final training frees each seed's model before building the next (point 6)
+
+
+def test_final_training_frees_each_seeds_model_before_building_the_next(tiny_cfg, tmp_path, monkeypatch):
+    """On a GPU, a seed's model, gradients and optimiser state still held while the next seed's are
+    built double the peak memory of ``final``. Simulated: weak references to each seed's model and
+    optimiser must be dead when the next Trainer is built, and CUDA's cache emptied in between."""
+    import weakref
+
+    from lcl_tune.core import engine
+    from lcl_tune.workflows import final
+
+    refs, alive_at_build, events = [], [], []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+
+    class Watched(engine.Trainer):
+        def __init__(self, *args, **kwargs):
+            alive_at_build.append(sum(ref() is not None for ref in refs))
+            events.append("build")
+            super().__init__(*args, **kwargs)
+            refs.extend([weakref.ref(self.model), weakref.ref(self.optimizer)])
+
+    monkeypatch.setattr(engine, "Trainer", Watched)
+    final.train_final(tiny_cfg(train__max_steps=2, train__eval_every=2), tmp_path / "final", seeds=[1, 2, 3])
+    assert alive_at_build == [0, 0, 0], "a previous seed's model or optimiser was alive when the next was built"
+    assert events == ["build", "empty_cache", "build", "empty_cache", "build", "empty_cache"]

@@ -81,7 +81,23 @@ def train_final(cfg: TrialConfig, out: Path, seeds: list[int] | None = None,
         summary["mlflow"] = log_final_run(run_cfg, summary, folder, provenance)
         write_json(folder / "metrics.json", summary)
         summaries.append(summary)
+        release(trainer)
+        del trainer
     return summaries
+
+
+def release(trainer: Any) -> None:
+    """Drop a finished seed's model, weighting network and optimiser, and give their GPU memory
+    back, before the next seed's are built: otherwise both seeds' weights, gradients and optimiser
+    state are held at once, and the next seed may not fit where a study's trial did."""
+    import gc
+
+    import torch
+
+    for name in ("model", "weighting", "optimizer", "scheduler"):
+        setattr(trainer, name, None)
+    gc.collect()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never initialised
 
 
 def log_final_run(cfg: TrialConfig, summary: dict[str, Any], folder: Path,

@@ -174,3 +174,65 @@ def test_final_training_frees_each_seeds_model_before_building_the_next(tiny_cfg
     final.train_final(tiny_cfg(train__max_steps=2, train__eval_every=2), tmp_path / "final", seeds=[1, 2, 3])
     assert alive_at_build == [0, 0, 0], "a previous seed's model or optimiser was alive when the next was built"
     assert events == ["build", "empty_cache", "build", "empty_cache", "build", "empty_cache"]
+
+
+# ---- precision and devices (point 4)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kind", ["study", "ablation"])
+def test_a_trial_reserving_more_than_one_gpu_is_a_one_line_error(tmp_path, kind):
+    """The engine trains on one device: a trial that reserved two GPUs would leave one idle."""
+    import yaml
+
+    from lcl_tune.schema.ablation import load_ablation
+    from lcl_tune.schema.study import load_study
+    from lcl_tune.schema.trial import ConfigError
+
+    if kind == "study":
+        path, load = REPO / "search_spaces" / "quickstart.yaml", load_study
+    else:
+        path, load = tmp_path / "abl.yaml", load_ablation
+        path.write_text(yaml.safe_dump({"name": "abl", "base": {"data": {"preset": "sst5"}, "train": {"max_steps": 4}},
+                                        "arms": {"ce": {"loss.name": "ce"}, "scl": {"loss.name": "scl"}}, "seeds": [1]}))
+    with pytest.raises(ConfigError) as e:
+        load(path, ["resources.gpu=2"], check_files=False)
+    msg = str(e.value)
+    assert "resources.gpu: a trial trains on one GPU, got 2" in msg and "Fix:" in msg and "\n" not in msg
+    load(path, ["resources.gpu=1"], check_files=False)
+    load(path, ["resources.gpu=0.25"], check_files=False)
+
+
+def test_bf16_on_a_gpu_without_native_bf16_warns_and_fp32_uses_tf32_by_default(monkeypatch, caplog):
+    """A T4 or V100 emulates bf16 (slower than fp32): simulated by torch's own capability query."""
+    import logging
+
+    from lcl_tune.core import engine
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with caplog.at_level(logging.WARNING):
+            engine.set_cuda_precision(torch.device("cuda"), "bf16", tf32=True)
+        assert "train.precision=bf16 on Tesla T4, which has no native bf16" in caplog.text and "Fix:" in caplog.text
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 matmuls
+        caplog.clear()
+        engine.set_cuda_precision(torch.device("cuda"), "fp32", tf32=False)
+        assert torch.get_float32_matmul_precision() == "highest" and not caplog.text
+        engine.set_cuda_precision(torch.device("cpu"), "bf16", tf32=True)  # nothing to set on a CPU
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_the_trainer_sets_its_devices_precision(tiny_cfg, monkeypatch):
+    from lcl_tune.core import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "set_cuda_precision", lambda device, precision, tf32: seen.append((device.type, precision, tf32)))
+    engine.Trainer(tiny_cfg(train__tf32=False), progress=False)
+    assert seen == [("cpu", "fp32", False)]
+    assert tiny_cfg().train.tf32 is True  # the default: TF32 matmuls on GPUs that have them

@@ -132,7 +132,7 @@ def test_grace_period_within_max_t(tmp_path):
 
 def test_fractional_gpu_above_one_rejected(tmp_path):
     msg = broken(tmp_path, lambda t: t["resources"].update(gpu=1.5))
-    assert "resources.gpu: fractions above 1 are not allowed" in msg
+    assert "resources.gpu: a trial trains on one GPU, got 1.5" in msg
 
 
 def test_point_to_evaluate_outside_space(tmp_path):

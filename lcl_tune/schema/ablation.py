@@ -45,7 +45,7 @@ from typing import Any, Mapping
 
 from lcl_tune.schema import trial as C
 from lcl_tune.schema.trial import ConfigError
-from lcl_tune.schema.study import (SECTION_KEYS, Study, apply_overrides, base_tree, check_no_test_split, load_spec,
+from lcl_tune.schema.study import (SECTION_KEYS, Study, apply_overrides, base_tree, check_gpu_share, check_no_test_split, load_spec,
                                    parse_metric, trial_key)
 
 ABLATION_KEYS = ("name", "description", "base", "fixed", "metric", "baseline", "arms", "factors", "seeds", "tune",
@@ -199,6 +199,7 @@ def _parse_ablation(tree: dict[str, Any], path: Path, overrides, check_files: bo
         C.check(key in SECTION_KEYS["resources"], f"resources.{key}", "unknown key", "use cpu and gpu")
     ablation.cpu = C.coerce("resources.cpu", res.get("cpu", 1), float)
     ablation.gpu = C.coerce("resources.gpu", res.get("gpu", 0), float)
+    check_gpu_share(ablation.gpu)
     ablation.max_retries = C.coerce("failure.max_retries", (tree.get("failure") or {}).get("max_retries", 2), int)
     ablation.arms = _arms(tree, ablation)
     C.check(len(ablation.arms) >= 2, "arms", f"an ablation needs at least two arms, got {list(ablation.arms)}",

@@ -354,12 +354,18 @@ def _check_settings(s: Study) -> None:
             "stops most trials", "use sampler: tpe with ASHA (it learns from stopped trials too), or "
             "scheduler: {name: fifo} with gp")
     C.check(s.cpu > 0, "resources.cpu", "must be > 0", "use e.g. 1")
-    C.check(s.gpu >= 0, "resources.gpu", "must be >= 0", "use 0, a fraction such as 0.25, or whole GPUs")
-    C.check(s.gpu <= 1 or float(s.gpu).is_integer(), "resources.gpu", f"fractions above 1 are not allowed, got {s.gpu}",
-          "use a fraction <= 1 (trials sharing a GPU) or a whole number")
+    check_gpu_share(s.gpu)
     C.check(s.checkpoint_keep >= 2, "checkpoint.keep", f"must be >= 2, got {s.checkpoint_keep}",
             "use 2: a retry or --resume falls back to the previous checkpoint when the latest is damaged")
     C.check(s.max_retries >= 0, "failure.max_retries", "must be >= 0", "use e.g. 2")
+
+
+def check_gpu_share(gpu: float) -> None:
+    """A trial's GPU reservation: none, a share of one GPU, or one GPU. The engine trains on one
+    device, so a trial that reserved two would leave one idle."""
+    C.check(gpu >= 0, "resources.gpu", f"must be >= 0, got {gpu:g}", "use 0, a fraction such as 0.25, or 1")
+    C.check(gpu <= 1, "resources.gpu", f"a trial trains on one GPU, got {gpu:g}",
+            "use 1 (a GPU per trial) or a fraction such as 0.5 (trials sharing a GPU)")
 
 
 def _check_grid(study: Study) -> None:

@@ -167,6 +167,7 @@ class TrainConfig:
     log_every: int = 20  # progress line every N steps
     metric: str = "weighted_f1"  # dev metric that selects the best evaluation: accuracy | macro_f1 | weighted_f1 | loss
     precision: str = "fp32"  # fp32 | bf16 (autocast; GPU only, ignored with a warning on CPU)
+    tf32: bool = True  # fp32 matmuls in TF32 on GPUs that have it (Ampere and newer); false: full fp32
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_test: bool = False  # evaluate the test split at the end (only when asked: never during tuning)
     threads: int | None = None  # torch CPU threads; default torch's own choice

@@ -157,9 +157,14 @@ class Trainer:
                                     o.weight_decay, "weighting")
         self.optimizer = torch.optim.AdamW(groups, lr=o.lr, eps=o.adam_eps, fused=True if o.fused else None)
         if t.compile:  # in place: parameter names (and so checkpoints) stay those of the eager model
-            self.model.compile()
+            # Dynamo caches graphs per code object, so in a reused actor every earlier trial's graphs
+            # (another dropout is another guarded constant) stay in the same caches until the
+            # recompile limit sends the encoder back to eager, silently: each trial starts clean.
+            # Dynamic shapes: one graph for every padded length and the last short batch.
+            torch._dynamo.reset()
+            self.model.compile(dynamic=True)
             if self.weighting is not None and self.weighting.has_encoder:
-                self.weighting.classifier.compile()
+                self.weighting.classifier.compile(dynamic=True)
 
         self.steps_per_epoch, self.total_steps, self.eval_every = cfg.schedule(len(data.train))
         # train.stop_step ends training early on the full schedule: the state a study selected at that step

@@ -274,6 +274,25 @@ def test_one_gpu_type_must_keep_a_node(tmp_path):
     only(check(path), f"available_node_types.{WORKER}.min_workers:", "refuses a GPU study")
 
 
+def test_workers_resolving_their_image_through_ssm_need_a_head_role_that_may_read_it(tmp_path):
+    """The head launches the workers with its own role. Ray's default head role (ray-autoscaler-v1,
+    made by Ray's aws/config.py with EC2 and S3 policies only) may not call ssm:GetParameters, so a
+    worker whose ImageId is resolve:ssm:... would be refused at every launch and no GPU would join."""
+    def default_head_role(tree):
+        tree["available_node_types"]["head_cpu"]["node_config"].pop("IamInstanceProfile", None)
+
+    line = only(check(broken_tree(tmp_path, default_head_role)), f"available_node_types.{WORKER}.node_config.ImageId:",
+                "ssm:GetParameters", "ray-autoscaler-v1")
+    assert "IamInstanceProfile" in line.split("Fix: ")[1]
+
+    def pinned_images(tree):
+        default_head_role(tree)
+        for node in tree["available_node_types"].values():
+            node["node_config"]["ImageId"] = "ami-0123456789abcdef0"
+
+    assert check(broken_tree(tmp_path, pinned_images)) == []  # no SSM lookup at launch: nothing to grant
+
+
 def test_search_spaces_and_configs_must_be_mounted(tmp_path):
     path = broken_tree(tmp_path, lambda t: t["file_mounts"].pop("/home/ubuntu/lcl_tune/configs"))
     only(check(path), "file_mounts:", "configs/ is not mounted")

@@ -427,6 +427,7 @@ class Check:
                 yield (f"{key}.resources.GPU", f"GPU worker type {name!r} does not declare its GPUs (resources: "
                        f"{resources}): the autoscaler would never launch it for a trial asking for GPUs",
                        "declare as many as the machine has, e.g. resources: {\"CPU\": 8, \"GPU\": 1}")
+        yield from self.image_lookup()
         if self.types and not gpu_types:
             yield ("available_node_types", "no GPU worker type (none declares resources: {GPU: n}): the project's GPU "
                    "studies would wait forever", "add one, e.g. gpu_worker: {resources: {\"CPU\": 8, \"GPU\": 1}, ...}")
@@ -434,6 +435,24 @@ class Check:
             yield (f"available_node_types.{gpu_types[0]}.min_workers", "every GPU worker type has min_workers: 0, so "
                    "a fresh cluster has no GPU and `lcl-tune tune` refuses a GPU study at once",
                    f"set min_workers: 1 for {gpu_types[0]}")
+
+    def image_lookup(self) -> Iterator[Problem]:
+        """Workers are launched by the head, with the head's role. An ImageId of ``resolve:ssm:...``
+        makes EC2 read the SSM parameter with the caller's rights, and Ray's default head role
+        (``ray-autoscaler-v1``, made by Ray's ``aws/config.py`` with EC2 and S3 policies only) may
+        not call ``ssm:GetParameters``: every worker launch would be refused."""
+        if self.provider.get("type") != "aws" or self.head not in self.types:
+            return
+        if _get(self.types[self.head], "node_config").get("IamInstanceProfile"):
+            return  # a role of the user's own: docs/cluster.md's lcl-tune-head grants the lookup
+        for name, t in self.types.items():
+            image = str(_get(t, "node_config").get("ImageId") or "")
+            if name != self.head and image.startswith("resolve:ssm:"):
+                yield (f"available_node_types.{name}.node_config.ImageId", "resolved through SSM at launch, but "
+                       "the head launches workers with Ray's default role ray-autoscaler-v1, which may not call "
+                       "ssm:GetParameters: every worker launch would be refused",
+                       f"give the head type {self.head!r} node_config.IamInstanceProfile: {{Name: lcl-tune-head}} "
+                       "(docs/cluster.md grants it), or pin the image (ImageId: ami-...)")
 
     def start_commands(self) -> Iterator[Problem]:
         """The head starts Ray with the autoscaler, which launches the workers; they join at $RAY_HEAD_IP."""

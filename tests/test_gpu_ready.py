@@ -271,3 +271,113 @@ def test_compiled_trials_in_one_process_stay_compiled(tiny_cfg, monkeypatch):
     torch._dynamo.reset()
     assert len(lengths) > 1  # a last short batch
     assert 1 <= per_trial[0] <= 3 and per_trial == [per_trial[0]] * 2, per_trial
+
+
+# ---- memory packing that reflects the GPU (point 2)
+
+INSTANCE_GPUS = {"g5.2xlarge": "A10G", "g5.12xlarge": "A10G"}  # cluster.yaml's GPU worker types
+
+
+def write_encoder(folder: Path, **config) -> str:
+    """A local model folder holding only a config.json (BERT-base sizes unless ``config`` says)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
+                                                    "vocab_size": 30522, "intermediate_size": 3072,
+                                                    "num_attention_heads": 12, **config}))
+    return str(folder)
+
+
+def test_the_attention_term_follows_the_attention_implementation(tmp_path, tiny_cfg):
+    """BERT and ELECTRA load with PyTorch's fused attention (SDPA) on CUDA, which keeps no [B, H, L, L]
+    probabilities for the backward pass; a model that loads eager (its config asks, or its class
+    has no SDPA in the installed transformers) keeps them."""
+    from lcl_tune.core import memory as M
+
+    cases = {"sdpa": write_encoder(tmp_path / "bert"),
+             "eager": write_encoder(tmp_path / "eager", attn_implementation="eager"),
+             "no sdpa": write_encoder(tmp_path / "mpnet", model_type="mpnet")}
+    impl = {k: M.attention_implementation(M.arch_size(v)) for k, v in cases.items()}
+    assert impl == {"sdpa": "sdpa", "eager": "eager", "no sdpa": "eager"}
+    attention = {k: M.estimate_for_arch(tiny_cfg(model__name=v, weighting__name="self")).attention for k, v in cases.items()}
+    assert attention["sdpa"] == 0 and attention["eager"] > 0 and attention["no sdpa"] > 0
+
+
+def test_the_gpu_table_holds_what_a_card_can_use():
+    from lcl_tune.core import memory as M
+
+    assert M.GPU_MEMORY_GIB["A10G"] == pytest.approx(22.5, abs=0.1)  # nvidia-smi: 23028 MiB, not 24 GiB
+    assert all(M.GPU_MEMORY_GIB[k] < nominal for k, nominal in (("H100", 80), ("L4", 24), ("T4", 16)))
+
+
+def shipped_gpu_specs() -> list[tuple[str, object, list]]:
+    """(file, study or ablation, the trial configs to fit) for every shipped spec that asks for GPUs."""
+    import yaml
+
+    from lcl_tune.core.memory import heaviest_trial
+    from lcl_tune.schema.ablation import is_ablation, load_ablation
+    from lcl_tune.schema.study import load_study
+
+    out = []
+    for path in sorted((REPO / "search_spaces").glob("*.yaml")):
+        tree = yaml.safe_load(path.read_text())
+        if not (tree.get("resources") or {}).get("gpu"):
+            continue
+        if is_ablation(tree):
+            ab = load_ablation(path, check_files=False)
+            out.append((path.name, ab, [ab.trial_config({"cell": c["cell"]}) for c in ab.cells()]))
+        else:
+            study = load_study(path, check_files=False)
+            out.append((path.name, study, [heaviest_trial(study)]))
+    return out
+
+
+def test_every_shipped_gpu_study_and_ablation_fits_the_packing_cluster_yaml_gives_it():
+    import yaml
+
+    from lcl_tune.core import memory as M
+
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    gpus = {INSTANCE_GPUS[t["node_config"]["InstanceType"]] for t in cluster["available_node_types"].values()
+            if t["resources"].get("GPU")}
+    specs = shipped_gpu_specs()
+    assert {name for name, _, _ in specs} >= {"goemotions_lcl.yaml", "sst5_lcl.yaml", "ablation_goemotions.yaml"}
+    for name, spec, trials in specs:
+        est = max((M.estimate_for_arch(c) for c in trials), key=lambda e: e.total)
+        for gpu in gpus:
+            problem = M.check_gpu_fraction(est, spec.gpu, int(M.GPU_MEMORY_GIB[gpu] * M.GiB))
+            assert problem is None, f"{name} on {gpu}: {problem}"
+
+
+def test_validate_names_the_gpus_of_the_table(capsys):
+    from lcl_tune.cli.main import main
+
+    assert main(["validate", str(REPO / "search_spaces" / "goemotions_lcl.yaml")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "memory" in x)
+    assert "2 per A10G (22.5 GiB)" in line and "per H100" in line and "24 GiB" not in line
+
+
+def test_an_ablation_warns_before_its_cells_share_a_gpu_too_small(monkeypatch, caplog, tmp_path):
+    """The ablation runner, like a study, compares its heaviest cell with its GPU share first."""
+    import logging
+
+    from lcl_tune.adapters import ablation_runner as AR
+    from lcl_tune.adapters import study_runner as SR
+
+    name, ab, _ = next(s for s in shipped_gpu_specs() if s[0] == "ablation_goemotions.yaml")
+    monkeypatch.setattr(AR, "_init_ray", lambda address: None)
+    monkeypatch.setattr(AR, "check_resources", lambda spec, cluster: None)
+    monkeypatch.setattr(SR.ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 1})
+    monkeypatch.setattr(SR.ray, "nodes", lambda: [{"Alive": True, "Resources": {"GPU": 1, "accelerator_type:T4": 1}}])
+
+    class Reached(Exception):
+        pass
+
+    def stop(uri):
+        raise Reached
+
+    monkeypatch.setattr(AR, "check_tracking_reach", stop)
+    with caplog.at_level(logging.WARNING), pytest.raises(Reached):
+        AR.run_cells(ab, None, [c["cell"] for c in ab.cells()][:2], {"x": type("T", (), {"uri": "u"})()}, None)
+    assert f"resources.gpu={ab.gpu:g}" in caplog.text and "Fix:" in caplog.text

@@ -366,6 +366,7 @@ def test_an_ablation_warns_before_its_cells_share_a_gpu_too_small(monkeypatch, c
     from lcl_tune.adapters import study_runner as SR
 
     name, ab, _ = next(s for s in shipped_gpu_specs() if s[0] == "ablation_goemotions.yaml")
+    assert ab.gpu == 0.5  # two cells per GPU: a 15 GiB T4 is too small for its separate-encoder cells
     monkeypatch.setattr(AR, "_init_ray", lambda address: None)
     monkeypatch.setattr(AR, "check_resources", lambda spec, cluster: None)
     monkeypatch.setattr(SR.ray, "cluster_resources", lambda: {"CPU": 8, "GPU": 1})
@@ -379,5 +380,5 @@ def test_an_ablation_warns_before_its_cells_share_a_gpu_too_small(monkeypatch, c
 
     monkeypatch.setattr(AR, "check_tracking_reach", stop)
     with caplog.at_level(logging.WARNING), pytest.raises(Reached):
-        AR.run_cells(ab, None, [c["cell"] for c in ab.cells()][:2], {"x": type("T", (), {"uri": "u"})()}, None)
+        AR.run_cells(ab, None, [c["cell"] for c in ab.cells()], {"x": type("T", (), {"uri": "u"})()}, None)
     assert f"resources.gpu={ab.gpu:g}" in caplog.text and "Fix:" in caplog.text

@@ -114,10 +114,10 @@ def test_fused_adamw_and_fused_attention_drop_their_terms():
 
 
 def test_safe_fraction_packs_as_many_trials_as_fit():
-    est = M.estimate_for_arch(cfg())  # lcl-separate bf16 32 x 128: ~10 GiB, 4 fit in 80 GiB but not 8
+    est = M.estimate_for_arch(cfg(), fused_attention=False)  # lcl-separate bf16 32 x 128, attention kept: ~10 GiB, 4 fit in 80 GiB but not 8
     assert 8.5 * M.GiB < est.total < 17 * M.GiB, est.pretty()
     assert M.safe_gpu_fraction(est, GPU_80G) == 0.25
-    small = M.estimate_for_arch(cfg(weighting__name="self", train__batch_size=8))
+    small = M.estimate_for_arch(cfg(weighting__name="self", train__batch_size=8), fused_attention=False)
     assert M.safe_gpu_fraction(small, GPU_80G) == 0.125
     assert M.safe_gpu_fraction(est, 24 * M.GiB) == 1.0
     with pytest.raises(ValueError, match="train.batch_size"):

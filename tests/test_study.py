@@ -188,7 +188,8 @@ def test_validate_cli_is_instant_and_imports_nothing_heavy():
 
 def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
     """The shipped GoEmotions study (ELECTRA-base + a separate weighting encoder, 2 trials per GPU)
-    fits an 80 GiB H100 but not a 24 GiB A10G: the study warns before any trial dies of OOM."""
+    fits an H100 and the A10G of cluster.yaml (fused attention) but not a 15 GiB T4: the study warns
+    before any trial dies of OOM."""
     from lcl_tune.adapters import study_runner as search
 
     study = load_study(REPO / "search_spaces" / "goemotions_lcl.yaml", check_files=False)
@@ -199,8 +200,10 @@ def test_gpu_memory_warning_before_trials_share_a_gpu(monkeypatch):
     monkeypatch.setattr(search.ray, "nodes", cluster("H100"))
     assert search.warn_gpu_memory(study) is None
     monkeypatch.setattr(search.ray, "nodes", cluster("A10G"))
+    assert search.warn_gpu_memory(study) is None
+    monkeypatch.setattr(search.ray, "nodes", cluster("T4"))
     warning = search.warn_gpu_memory(study)
-    assert warning.startswith("resources.gpu=0.5: 2 trials per 24 GiB GPU") and "Fix: set resources.gpu: 1" in warning
+    assert warning.startswith("resources.gpu=0.5: 2 trials per 15 GiB GPU") and "Fix: set resources.gpu: 1" in warning
 
 
 # ---------------------------------------------------------------------------------- the scheduler fits the trial

@@ -38,7 +38,7 @@ from lcl_tune.schema.trial import ConfigError
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
 from lcl_tune.adapters.place import StudyPlace, StudySync, record_folder, relocate, study_place, sync_down, sync_up
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, _init_ray, best_row, check_resources,
-                     check_tracking_reach, run_study, torn_ray_state, tune, wait_for_spools)
+                     check_tracking_reach, run_study, torn_ray_state, tune, wait_for_spools, warn_gpu_memory)
 from lcl_tune.adapters.progress import (TRIAL_LOGS, cells_progress, parallel_slots, ray_status_reporter, reported,
                                         showing_progress, trial_error_text)
 from lcl_tune.adapters.trainable import lcl_trainable, result_details
@@ -156,8 +156,9 @@ def run_cells(ab: Ablation, place: StudyPlace, cells: list[str], arm_targets: di
     _init_ray(address)
     cluster = ray.cluster_resources()
     check_resources(ab, cluster)
-    check_tracking_reach(next(iter(arm_targets.values())).uri)
     configs = {c: ab.trial_config({"cell": c}) for c in cells}
+    warn_gpu_memory(ab, list(configs.values()))
+    check_tracking_reach(next(iter(arm_targets.values())).uri)
     data = w_data = None
     if len({_data_identity(c) for c in configs.values()}) == 1:  # every arm tokenises the same: do it once
         needs_w = [c for c in configs.values() if c.uses_weighting_encoder]

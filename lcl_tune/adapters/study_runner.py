@@ -266,23 +266,21 @@ def check_resources(study: Study, cluster: dict[str, float]) -> None:
                           f"set resources.cpu: {max(1, int(cpus))} or less")
 
 
-GPU_MEMORY_GIB = {"H100": 80, "H200": 141, "A100": 40, "A10G": 24, "L4": 24, "L40S": 48, "T4": 16, "V100": 16}
-"""Memory of the accelerator types Ray advertises (``accelerator_type:<name>``); A100 as the 40 GB."""
+def warn_gpu_memory(spec: Any, trials: list[Any] | None = None) -> str | None:
+    """Before trials share a GPU, compare the heaviest trial's memory estimate
+    (:mod:`lcl_tune.core.memory`; ``trials``: an ablation's cells, else the study's heaviest corner)
+    with its share of the smallest GPU in the cluster, and warn when it will not fit."""
+    from lcl_tune.core.memory import GPU_MEMORY_GIB, GiB, check_gpu_fraction, estimate_for_arch, heaviest_trial
 
-
-def warn_gpu_memory(study: Study) -> str | None:
-    """Before trials share a GPU, compare the trial's memory estimate (:mod:`lcl_tune.core.memory`) with
-    its share of the smallest GPU in the cluster, and warn when it will not fit."""
-    from lcl_tune.core.memory import check_gpu_fraction, estimate_for_arch, heaviest_trial
-
-    if study.gpu <= 0:
+    if spec.gpu <= 0:
         return None
     types = {k.split(":", 1)[1] for n in ray.nodes() if n.get("Alive") for k in n.get("Resources", {})
              if k.startswith("accelerator_type:")}
     sizes = [GPU_MEMORY_GIB[t] for t in types if t in GPU_MEMORY_GIB]
     if not sizes:
         return None
-    warning = check_gpu_fraction(estimate_for_arch(heaviest_trial(study)), study.gpu, min(sizes) * 2**30)
+    est = max((estimate_for_arch(c) for c in trials or [heaviest_trial(spec)]), key=lambda e: e.total)
+    warning = check_gpu_fraction(est, spec.gpu, int(min(sizes) * GiB))
     if warning:
         log.warning(warning)
     return warning

@@ -216,15 +216,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _print_memory(study) -> None:
     """The memory a trial of the study needs (largest batch / length / a second encoder if searched)."""
-    from lcl_tune.core.memory import GiB, estimate_for_arch, heaviest_trial, safe_gpu_fraction
+    from lcl_tune.core.memory import GPU_MEMORY_GIB, GiB, estimate_for_arch, heaviest_trial, safe_gpu_fraction
 
     est = estimate_for_arch(heaviest_trial(study))
     fits = []
-    for gib in (24, 80):
+    for gpu in ("T4", "A10G", "L40S", "H100"):  # from the GPU table: what a card can use
+        gib = GPU_MEMORY_GIB[gpu]
         try:
-            fits.append(f"{round(1 / safe_gpu_fraction(est, gib * GiB))} per {gib} GiB GPU")
+            fits.append(f"{round(1 / safe_gpu_fraction(est, int(gib * GiB)))} per {gpu} ({gib:g} GiB)")
         except ValueError:
-            fits.append(f"none on a {gib} GiB GPU")
+            fits.append(f"none on a {gpu} ({gib:g} GiB)")
     print(f"  memory     ~{est.total / GiB:.1f} GiB per trial (estimate: {', '.join(fits)})")
 
 

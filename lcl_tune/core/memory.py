@@ -52,6 +52,7 @@ re-measures the same fit on the GPU and compares the whole estimate with
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -282,6 +283,7 @@ def read_config_json(path: str | os.PathLike) -> ArchSize:
                     attn_implementation=cfg.get("attn_implementation") or cfg.get("_attn_implementation"))
 
 
+@functools.lru_cache(maxsize=None)  # an ablation estimates every cell: read each modeling file once
 def attention_implementation(arch: ArchSize) -> str:
     """The attention transformers gives this encoder: its config.json's ``attn_implementation``
     when it sets one, else ``sdpa`` when the installed transformers' model class for its

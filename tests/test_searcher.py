@@ -341,3 +341,67 @@ def test_a_continuous_space_never_reuses(tmp_path):
         searcher.suggest(f"t{k}")
         searcher.on_trial_complete(f"t{k}", report(searcher, f"t{k}", 4, finished=True))
     assert not any("reused_from" in t.user_attrs for t in journal_trials(tmp_path / "optuna.journal"))
+
+
+class _Trial:
+    """What a scheduler reads of a Ray trial."""
+
+    def __init__(self, n: int):
+        self.trial_id, self.status, self.config = f"t{n:05d}", "PENDING", {}
+
+    def is_finished(self) -> bool:
+        return self.status in ("TERMINATED", "ERROR")
+
+
+class _Controller:
+    """Tune's controller as schedulers see it: its list of trials, with the reads of it counted."""
+
+    def __init__(self):
+        self.trials: list[_Trial] = []
+        self.reads = 0
+
+    def get_trials(self) -> list[_Trial]:
+        self.reads += 1
+        return self.trials
+
+
+def test_the_trial_to_run_is_rays_choice_made_without_walking_every_trial(tmp_path):
+    """Ray's FIFO/ASHA walk every trial of the study at every step of Tune's loop; the study's
+    schedulers choose the same trial from those not yet ended, through every kind of event Tune
+    sends (adds, starts, pauses, ends, errors, retries moved to the end of Tune's list)."""
+    import random
+
+    from ray.tune.schedulers import FIFOScheduler
+
+    from lcl_tune.adapters.searcher import make_scheduler
+
+    for kind in ("asha", "fifo"):
+        rng, ray, controller = random.Random(0), FIFOScheduler(), _Controller()
+        study = make_study(tmp_path, scheduler={"name": kind, **({"max_t": 4} if kind == "asha" else {})})
+        ours = make_scheduler(study)
+        ours.set_search_properties(METRIC, "max")
+        agreed = 0
+        for step in range(3000):
+            op, live = rng.random(), [t for t in controller.trials if not t.is_finished()]
+            if op < 0.3 or not live:
+                trial = _Trial(len(controller.trials))
+                controller.trials.append(trial)
+                ours.on_trial_add(controller, trial)
+            else:
+                trial = rng.choice(live)
+                if op < 0.8:
+                    trial.status = rng.choice(["RUNNING", "PAUSED", "TERMINATED", "TERMINATED", "ERROR"])
+                else:  # a retry: Tune requeues it as PENDING at the end of its list and adds it again
+                    trial.status = "PENDING"
+                    controller.trials.remove(trial)
+                    controller.trials.append(trial)
+                    ours.on_trial_add(controller, trial)
+            reads = controller.reads
+            expected = ray.choose_trial_to_run(controller)
+            controller.reads = reads
+            assert ours.choose_trial_to_run(controller) is expected, (kind, step)
+            agreed += expected is not None
+        assert controller.reads == 0, "the study's scheduler walked Tune's list of trials"
+        assert agreed > 500 and len(controller.trials) > 500  # the choices were not all None, the study grew
+        ours = pickle.loads(pickle.dumps(ours))  # saved with the experiment: a restore adds every trial anew
+        assert ours.choose_trial_to_run(controller) is None

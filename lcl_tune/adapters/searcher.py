@@ -167,8 +167,36 @@ class JournalDecides:
             return action
         return self.STOP if int(result.get("training_iteration", 0)) >= periods else self.CONTINUE
 
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        unended = self._unended()
+        unended.pop(trial, None)  # a retry is added again, and Tune moves it to the end of its list
+        unended[trial] = None
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Ray's choice (the first PENDING trial Tune added, else the first PAUSED one), made among
+        the trials that have not ended. Ray's walks every trial the study ever had at every step of
+        Tune's loop (about 10 a second): at 1,000 trials that is a driver cost growing with the
+        study. An ended trial (TERMINATED, ERROR) never runs again in a session: a retry is
+        requeued as PENDING before it could end, and added again (at the end, as Tune moves it);
+        a restore adds every trial anew."""
+        unended = self._unended()
+        for trial in [t for t in unended if t.is_finished()]:
+            del unended[trial]
+        for status in ("PENDING", "PAUSED"):
+            for trial in unended:
+                if trial.status == status:
+                    return trial
+        return None
+
+    def _unended(self) -> dict[Any, None]:
+        """The trials added and not seen ended, in the order Tune added them (a dict: ordered, O(1))."""
+        if getattr(self, "_unended_trials", None) is None:
+            self._unended_trials = {}
+        return self._unended_trials
+
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_finished": None}
+        return {**self.__dict__, "_finished": None, "_unended_trials": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from lcl_tune.adapters.place import relocate

@@ -13,9 +13,10 @@ driver process; the driver records which ``lcl_tune`` it imported.
 **Trials** only sleep ``--period-s`` per period and report, 8 periods at most, with the real
 trainable's result payload (the engine's metric keys, ``details_json`` with the confusion matrix,
 per-class F1 and the trial's config) and a small checkpoint (state, details, config) per period.
-They do no MLflow calls of their own (the tracking parts measure the store), so they are not sent
-the tracking target, and the driver's close of each trial's run finds no run and creates it: more
-work than closing the run a real trial opened and reported (``close_ms``, measured here too).
+They make no MLflow calls of their own (the tracking parts measure the store), so they are not sent
+the tracking target; each reports the id of an open run made for it in the study's store before the
+fit, as a real trial reports the run its own sender opened, and the driver closes the run by that
+id (``close_ms`` measures that close, and the search-and-create close of a trial that reported none).
 
 **Contenders**, the same trial shape (8 periods, ASHA with grace 1 and factor 2, 64 at a time,
 actors reused):
@@ -53,6 +54,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -115,9 +117,12 @@ def fake_report(params: dict, period: int, best: float | None, rng: random.Rando
     return report, details
 
 
-def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, curve: list[float] | None = None) -> None:
+def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, curve: list[float] | None = None,
+                 run_ids: list[str] | None = None) -> None:
     """Sleep and report, as the real trainable reports (payload and checkpoint), resuming from a
-    checkpoint when there is one; ``curve``: the dev score of each period (``fake_report``)."""
+    checkpoint when there is one; ``curve``: the dev score of each period (``fake_report``);
+    ``run_ids``: the trials' MLflow runs, by Tune's trial counter (1, 2, ...: in the trial folder's
+    name, after its id), reported as a real trial reports the run its sender opened."""
     from ray import tune
 
     entered, rng, first, best = time.time(), random.Random(trial_id), 1, None
@@ -132,6 +137,9 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, cur
         report, details = fake_report(params, period, best, rng, start, curve)
         best = report["best/dev/weighted_f1"]
         details = {**details, "trial_config": config, "data_fingerprint": "fake", "metrics": dict(report)}
+        if run_ids:
+            counter = int(re.search(rf"{trial_id}_(\d+)_", Path(tune.get_context().get_trial_dir()).name).group(1))
+            report = {**report, "mlflow_run_id": run_ids[(counter - 1) % len(run_ids)]}
         metrics = {**report, "time/trial_wall_s": time.time() - start, "trial_id": trial_id, "node_id": "fake",
                    "time/entered_unix": entered, "time/reported_unix": time.time(), "data/shared": 0,
                    "details_json": json.dumps(details)}
@@ -171,6 +179,20 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each of ``pid``'s threads, summed by thread name (``comm``): which of Tune's
+    loop, Ray's core-worker threads and the project's own threads the driver's CPU goes to."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
+    return out
+
+
 def run_queue_wait_s(pid: int) -> tuple[float, float]:
     """(on-CPU, waiting for a CPU) seconds of all threads of ``pid`` (``schedstat``)."""
     run = wait = 0
@@ -185,13 +207,18 @@ def run_queue_wait_s(pid: int) -> tuple[float, float]:
 
 class Sampler:
     """Every ``every`` seconds: (time, trials finished, driver CPU incl. the processes it started,
-    those processes' CPU alone, run-queue wait, results received)."""
+    those processes' CPU alone, run-queue wait, results received, trials running); every
+    ``threads_every_s`` the CPU of each of the driver's threads by name. It runs in the driver and
+    its CPU counts, so it samples sparingly (a window of 100 trials holds about 25 samples)."""
 
-    def __init__(self, every: float = 0.5, rescan_s: float = 5.0):
+    def __init__(self, every: float = 1.0, rescan_s: float = 20.0, finished_file: Path | None = None):
         self.every, self.rescan_s, self.rows, self._stop = every, rescan_s, [], threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="bench-sampler")
         self._children: list[int] = []
         self._scanned = -math.inf
+        self.finished_file = finished_file  # the count, for the orchestrator (it starts the profiler)
+        self.threads: list[tuple[float, int, dict[str, float]]] = []  # (time, finished, CPU by thread name)
+        self.threads_every_s, self._threads_at = 5.0, -math.inf
 
     def start(self) -> None:
         self._thread.start()
@@ -213,13 +240,19 @@ class Sampler:
                 pass
         own = proc_cpu_s(pid, children=True)  # reaped children (a helper that exited) count in here
         _, wait = run_queue_wait_s(pid)
-        self.rows.append((time.monotonic(), FINISHED[0], own + helpers, helpers, wait, REPORTS[0]))
+        self.rows.append((time.monotonic(), FINISHED[0], own + helpers, helpers, wait, REPORTS[0], RUNNING[0]))
+        if self.finished_file is not None:
+            self.finished_file.write_text(str(FINISHED[0]))
+        if time.monotonic() - self._threads_at >= self.threads_every_s:
+            self.threads.append((time.monotonic(), FINISHED[0], thread_cpu_s(pid)))
+            self._threads_at = time.monotonic()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             self.sample()
 
 
+RUNNING = [0]  # trials started and not yet ended, likewise (how many of the slots are busy)
 FINISHED = [0]  # trials finished so far, counted by the callback below, read by the Sampler
 REPORTS = [0]  # results the driver received so far (periods reported), likewise
 
@@ -230,14 +263,19 @@ def count_finished() -> Any:
     from ray import tune
 
     class FinishCounter(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            RUNNING[0] += 1
+
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             REPORTS[0] += 1
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             FINISHED[0] += 1
+            RUNNING[0] -= 1
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             FINISHED[0] += 1
+            RUNNING[0] -= 1
 
     original = tune.Tuner.__init__
 
@@ -284,7 +322,7 @@ def study_yaml(root: Path, trials: int) -> Path:
 def drive(contender: str, address: str, trials: int, period_s: float, out: Path) -> None:
     """One contender's study, measured from inside its driver."""
     root = Path(tempfile.mkdtemp(prefix=f"scale-{contender}-"))
-    sampler, saves = Sampler(), []
+    sampler, saves = Sampler(finished_file=out.with_suffix(".finished")), []
     count_finished()
     time_saves(saves)
     import lcl_tune
@@ -311,7 +349,7 @@ def drive(contender: str, address: str, trials: int, period_s: float, out: Path)
     wall = fit_end - started
     record = {"contender": contender, "trials": trials, "period_s": period_s, "lcl_tune_file": lcl_tune.__file__,
               "lcl_tune_commit": git_commit(Path(lcl_tune.__file__).parent),
-              "wall_s": wall, "samples": sampler.rows, "saves": saves,
+              "wall_s": wall, "samples": sampler.rows, "threads": sampler.threads, "saves": saves,
               "run_queue_wait_s": wait1 - wait0, "on_cpu_s": run1 - run0,
               "scheduler_delay_fraction": (wait1 - wait0) / wall, "flagged": (wait1 - wait0) / wall > 0.10,
               "affinity": sorted(os.sched_getaffinity(0))}
@@ -329,19 +367,38 @@ def store_check(db: Path) -> dict[str, int]:
     exp = client.get_experiment_by_name("scale")
     runs = client.search_runs([exp.experiment_id], max_results=50000) if exp else []
     trials = [r for r in runs if r.data.tags.get("lcl_tune.role") == "trial"]
-    return {"trial_runs": len(trials), "trial_ids": len({r.data.tags.get("lcl_tune.trial_id") for r in trials}),
+    return {"trial_runs": len(trials), "closed": sum("lcl_tune.status" in r.data.tags for r in trials),
             "left_running": sum(r.info.status == "RUNNING" for r in trials),
             "closed_with_params": sum(bool(r.data.params) and r.info.status != "RUNNING" for r in trials)}
+
+
+def trial_runs(db: Path, trials: int) -> list[str]:
+    """One open MLflow run per trial in the study's store (experiment ``scale``), made before the
+    fit: a real trial opens its own run from its process and reports its id, and the driver closes
+    it by that id. The fake trials report these (they make no MLflow calls)."""
+    from mlflow.tracking import MlflowClient
+
+    from lcl_tune.adapters.tracking import artifact_root, get_or_create_experiment
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    exp = get_or_create_experiment(client, "scale", artifact_root(uri))  # as the study makes it
+    return [client.create_run(exp, run_name=f"trial {i}", tags={"lcl_tune.role": "trial"}).info.run_id
+            for i in range(trials)]
 
 
 def project_study(address: str, trials: int, period_s: float, root: Path) -> None:
     from lcl_tune.adapters import study_runner as SR
     from lcl_tune.schema.study import load_study
 
+    run_ids = trial_runs(root / "runs" / "mlflow.db", trials)
+
     def trainable(params: dict, study: Any, data: Any = None, w_data: Any = None, tracking: Any = None) -> None:
         from ray import tune
 
-        fake_periods(params, tune.get_context().get_trial_id(), study.trial_config(params).to_dict(), period_s)
+        fake_periods(params, tune.get_context().get_trial_id(), study.trial_config(params).to_dict(), period_s,
+                     run_ids=run_ids)
 
     SR.lcl_trainable = trainable
     SR.shared_data = lambda study: (None, None)
@@ -410,9 +467,11 @@ def ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
-def run_contender(contender: str, trials: int, period_s: float, env: dict[str, str], name: str | None = None) -> dict:
+def run_contender(contender: str, trials: int, period_s: float, env: dict[str, str], name: str | None = None,
+                  profile_s: float = 0.0) -> dict:
     """Start Ray on core 1, the contender's driver on core 0; return its record (its files are
-    called ``name``, the contender's by default)."""
+    called ``name``, the contender's by default). ``profile_s``: py-spy samples the driver and its
+    sender process for that long once 90 % of the trials have finished (``record["profile"]``)."""
     name = name or contender
     port = free_port()
     subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
@@ -423,14 +482,78 @@ def run_contender(contender: str, trials: int, period_s: float, env: dict[str, s
     log = PARTS / f"{name}.log"
     try:
         with open(log, "w") as fh:
-            subprocess.run(["taskset", "-c", DRIVER_CORE, sys.executable, __file__, "--drive", contender,
-                            "--address", f"127.0.0.1:{port}", "--trials", str(trials), "--period-s", str(period_s),
-                            "--out", str(out)], check=True, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=1500)
+            driver = subprocess.Popen(["taskset", "-c", DRIVER_CORE, sys.executable, __file__, "--drive", contender,
+                                       "--address", f"127.0.0.1:{port}", "--trials", str(trials), "--period-s",
+                                       str(period_s), "--out", str(out)], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            profile = py_spy(driver, out.with_suffix(".finished"), int(0.9 * trials), profile_s) if profile_s else None
+            if driver.wait(timeout=1500) != 0:
+                raise subprocess.CalledProcessError(driver.returncode, driver.args)
     finally:
         subprocess.run([ray_cli(), "stop", "--force"], capture_output=True, env=env)
     record = json.loads(out.read_text())
     out.unlink()
+    out.with_suffix(".finished").unlink(missing_ok=True)
+    if profile is not None:
+        record["profile"] = profile
     return record
+
+
+def py_spy(driver: subprocess.Popen, finished_file: Path, at: int, seconds: float) -> dict | None:
+    """Once ``at`` trials have finished: py-spy's samples (50 a second, on-CPU threads only) of the
+    driver's threads and of its sender process for ``seconds``, each summarised by
+    :func:`profile_summary`. py-spy runs on Ray's core (so this run's pace is a little lower)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("py-spy not found (pip install py-spy): no profile", flush=True)
+        return None
+    while driver.poll() is None:
+        try:
+            if int(finished_file.read_text() or 0) >= at:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(1.0)
+    else:
+        return None
+    sender = [pid for pid in descendants(driver.pid) if b"adapters.sender" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    targets = {"driver": driver.pid, **({"sender": sender[0]} if sender else {})}  # taskset execs the driver
+    files = {k: PARTS / f"profile-{k}.raw.txt" for k in targets}
+    spies = [subprocess.Popen(["taskset", "-c", RAY_CORE, spy, "record", "-p", str(pid), "-r", "50", "-d", str(int(seconds)),
+                               "-f", "raw", "--threads", "--nonblocking", "-o", str(files[k])],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for k, pid in targets.items()]
+    for s in spies:
+        s.wait()
+    return {"seconds": seconds, "from_trial": at, **{k: profile_summary(f) for k, f in files.items() if f.exists()}}
+
+
+INTEREST = ("lcl_tune/", "ray/tune/", "ray/_private/", "ray/actor.py", "mlflow/", "optuna/", "sqlalchemy/", "json/",
+            "pyarrow/")
+
+
+def profile_summary(path: Path, top: int = 15) -> dict:
+    """py-spy's raw stacks counted three ways: by thread; by the innermost frame of Ray Tune, the
+    project, Ray's core, MLflow, Optuna, SQLAlchemy, json or pyarrow (where the time is spent, at
+    the level one could change); and by the frame of the project or of Tune's controller nearest
+    the top of the stack's inner end (who asked for it)."""
+    threads, inner, owner, total = {}, {}, {}, 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        frames, count = stack.split(";"), int(n)
+        total += count
+        thread = frames[0].split("): ", 1)[-1].split(" (")[0] if frames else "?"
+        threads[thread] = threads.get(thread, 0) + count
+        pick = next((f for f in reversed(frames) if any(k in f for k in INTEREST)), frames[-1])
+        inner[pick] = inner.get(pick, 0) + count
+        mine = next((f for f in reversed(frames) if "lcl_tune/" in f or "tune_controller.py" in f), "other")
+        owner[mine] = owner.get(mine, 0) + count
+
+    def ranked(d: dict) -> list:
+        return [[k, v, round(v / total, 3)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": total, "cpu_s": total / 50, "by_thread": ranked(threads), "innermost": ranked(inner),
+            "nearest_project_or_tune_frame": ranked(owner)}
 
 
 def clean_env(pythonpath: str | None = None) -> dict[str, str]:
@@ -481,6 +604,25 @@ def per_report_ms(samples: list, a: int, b: int) -> float | None:
     if lo is None or hi is None or not hi[2] > lo[2]:
         return None
     return 1000 * (hi[1] - lo[1]) / (hi[2] - lo[2])
+
+
+def window_detail(record: dict, a: int, b: int) -> dict[str, float] | None:
+    """What else happened while trials ``a``..``b`` finished: the pace (trials/s), the trials
+    running on average (of the 64 slots), the helper processes' share of the CPU per trial, and
+    the CPU per trial of each of the driver's threads by name (the main thread is ``python``)."""
+    s = record["samples"]
+    lo, hi = next((r for r in s if r[1] >= a), None), next((r for r in s if r[1] >= b), None)
+    if lo is None or hi is None or hi[0] <= lo[0]:
+        return None
+    running = [r[6] for r in s if lo[0] <= r[0] <= hi[0] and len(r) > 6]
+    out = {"trials_per_s": (hi[1] - lo[1]) / (hi[0] - lo[0]), "helper_ms_per_trial": 1000 * (hi[3] - lo[3]) / (hi[1] - lo[1]),
+           "running_mean": statistics.fmean(running) if running else None}
+    th = record.get("threads") or []
+    t0, t1 = next((r for r in th if r[1] >= a), None), next((r for r in th if r[1] >= b), None)
+    if t0 and t1 and t1[1] > t0[1]:
+        per = {k: 1000 * (v - t0[2].get(k, 0.0)) / (t1[1] - t0[1]) for k, v in t1[2].items()}
+        out["threads_ms_per_trial"] = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    return out
 
 
 def windows(record: dict) -> dict[str, float | None]:
@@ -569,7 +711,9 @@ def contender_figures(record: dict, bare_at_1000: float | None) -> dict:
                "reports_per_trial": reports_per_trial(record), "trials_run": record["trials"], "wall_s": record["wall_s"],
                "fit_trials_per_s": record["trials"] / record["wall_s"],
                "scheduler_delay_fraction": record["scheduler_delay_fraction"], "flagged": record["flagged"],
-               "helper_cpu_s": record["samples"][-1][3] if record["samples"] else 0.0,
+               "helper_cpu_s": max((r[3] for r in record["samples"]), default=0.0),  # before the helper exits
+               "window_detail": {f"{a}-{b}": window_detail(record, a, b) for a, b in WINDOWS},
+               "store": record.get("store"),
                "saves": len(record["saves"]), "lcl_tune_file": record["lcl_tune_file"],
                "lcl_tune_commit": record["lcl_tune_commit"]}
     if extrapolated is not None:
@@ -604,6 +748,8 @@ def repeated(runs: list[dict], bare_at_1000: float | None) -> dict:
     figures["noise"] = noise
     figures["cost_model"] = {"trials 50-350": cost_model(runs, 50, 350), "trials 650-1000": cost_model(runs, 650, 1000)}
     figures["lcl_tune_commit"] = sorted({f["lcl_tune_commit"] for f in each})
+    figures["window_detail_runs"] = [f["window_detail"] for f in each]
+    figures["stores"] = [f["store"] for f in each]
     return figures
 
 
@@ -831,6 +977,9 @@ def report() -> dict:
         result["tpe_suggest_ms"] = parts["tpe"]
     if "close" in parts:
         result["close_ms"] = parts["close"]
+    if parts.get("profile", {}).get("profile"):
+        result["profile"] = {**parts["profile"]["profile"], "lcl_tune_commit": parts["profile"]["lcl_tune_commit"],
+                             "window_detail_900_1000": window_detail(parts["profile"], 900, 1000)}
     if (PARTS / "walls.txt").exists():
         result["part_wall_s"] = json.loads((PARTS / "walls.txt").read_text())
         result["benchmark_wall_s"] = sum(result["part_wall_s"].values())
@@ -915,12 +1064,23 @@ def markdown(r: dict) -> str:
         t = r["tpe_suggest_ms"]
         lines += ["", "TPE's own CPU per suggestion (the algorithm's, not the platform's): "
                   + ", ".join(f"{v:.1f} ms with {k} trials" for k, v in t.items()) + "."]
+    stores = [*(r.get("stores") or []), (r.get("before") or {}).get("store")]
+    if all(stores):
+        lines += ["", "The study's MLflow store after each fit of the project's code (" + "; ".join(
+            f"{st['trial_runs']} trial runs, {st['closed']} closed, {st['left_running']} left RUNNING" for st in stores) + ")."]
+    detail = ((r.get("window_detail") or {}).get("900-1000")) or {}
+    if detail.get("threads_ms_per_trial"):
+        threads = ", ".join(f"`{k}` {v:.1f}" for k, v in list(detail["threads_ms_per_trial"].items())[:4])
+        lines += ["", f"Where this code's CPU went over trials 900–1,000 (run 1), in ms per trial: the driver's threads "
+                  f"{threads} (`python` is Tune's loop and the project's threads), and the sender process "
+                  f"{detail['helper_ms_per_trial']:.1f}; {detail['running_mean']:.1f} of the 64 slots were busy on "
+                  f"average, at {detail['trials_per_s']:.1f} trials/s."]
     if r.get("close_ms"):
         c = r["close_ms"]
-        lines += ["", f"The fake trials open no MLflow run, so the driver's close of each looks for it and creates it: "
-                  f"{c['searched_and_created']:.1f} ms of CPU a close in SQLite, against {c['by_reported_id']:.1f} ms for "
-                  "closing the run a real trial opened and reported the id of. The figures above are that much too high "
-                  "for a real study."]
+        lines += ["", f"Each fake trial reports the id of a run made for it before the fit, as a real trial reports the "
+                  f"run it opened, and the driver's sender closes it by that id: {c['by_reported_id']:.1f} ms of CPU a "
+                  f"close in SQLite ({c['searched_and_created']:.1f} ms for a trial that reported none: the store is "
+                  "searched and the run created)."]
     if r.get("tracking"):
         lines += ["", "Tracking store, 64 processes each replaying one trial's calls (open, 8 reports with "
                   "artifacts, close) at once:", "", "| store | failures | runs left RUNNING | "
@@ -958,7 +1118,9 @@ def note_wall(part: str, seconds: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["all", "current", "before", "bare", "tpe", "close", "tracking-sqlite",
-                                      "tracking-postgresql", "report"], default="all")
+                                      "tracking-postgresql", "profile", "report"], default="all",
+                   help="profile (not in all): a run of this code of its own, with py-spy over trials 900-1,000")
+    p.add_argument("--profile-s", type=float, default=30.0, help=argparse.SUPPRESS)
     p.add_argument("--trials", type=int, default=1000)
     p.add_argument("--before-trials", type=int, default=200)
     p.add_argument("--period-s", type=float, default=0.5)
@@ -981,7 +1143,7 @@ def main() -> None:
                 stale.unlink()
             for i in range(1, args.repeats + 1):
                 name = f"current-{i}"
-                record = run_contender(part, args.trials, args.period_s, clean_env(), name)
+                record = run_contender(part, args.trials, args.period_s, clean_env(str(REPO)), name)
                 (PARTS / f"{name}.json").write_text(json.dumps(record) + "\n")
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {time.monotonic() - started:.0f} s", flush=True)
             note_wall(part, time.monotonic() - started)
@@ -990,6 +1152,9 @@ def main() -> None:
             record = run_contender(part, args.trials, args.period_s, clean_env())
         elif part == "before":
             record = run_contender(part, args.before_trials, args.period_s, clean_env(str(before_worktree())))
+        elif part == "profile":
+            record = run_contender("current", args.trials, args.period_s, clean_env(str(REPO)), "profile",
+                                   profile_s=args.profile_s)
         elif part == "tpe":
             record = tpe_suggest_ms()
         elif part == "close":

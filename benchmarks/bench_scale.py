@@ -1149,7 +1149,7 @@ def main() -> None:
             note_wall(part, time.monotonic() - started)
             continue
         if part == "bare":
-            record = run_contender(part, args.trials, args.period_s, clean_env())
+            record = run_contender(part, args.trials, args.period_s, clean_env(str(REPO)))
         elif part == "before":
             record = run_contender(part, args.before_trials, args.period_s, clean_env(str(before_worktree())))
         elif part == "profile":

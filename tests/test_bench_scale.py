@@ -39,14 +39,15 @@ def test_a_windows_detail_is_computed_from_the_samples_around_it(bench):
 def test_py_spys_stacks_are_counted_by_thread_by_innermost_frame_and_by_owner(bench, tmp_path):
     raw = tmp_path / "driver.raw.txt"
     raw.write_text(
-        "thread (0x1): MainThread;run (ray/tune/execution/tune_controller.py:700);step (ray/tune/execution/tune_controller.py:689);"
+        "thread (0x1): MainThread;run_study (lcl_tune/adapters/study_runner.py:99);run (ray/tune/execution/tune_controller.py:700);"
+        "step (ray/tune/execution/tune_controller.py:689);"
         "wait (ray/_private/worker.py:3237) 30\n"
         "thread (0x1): MainThread;step (ray/tune/execution/tune_controller.py:689);on_step_end (lcl_tune/adapters/progress.py:192);"
         "dumps (json/__init__.py:231);_iterencode (json/encoder.py:303);<genexpr> (foo.py:1) 10\n"
         "thread (0x2): Thread-27 (entrypoint);copy_files (pyarrow/fs.py:256) 10\n"
         "a line py-spy did not write\n")
     summary = bench.profile_summary(raw)
-    assert summary["samples"] == 50 and summary["cpu_s"] == pytest.approx(1.0)
+    assert summary["samples"] == 50 and summary["cpu_s"] == pytest.approx(1.0) and summary["project_share"] == 0.2
     assert summary["by_thread"] == [["MainThread", 40, 0.8], ["Thread-27", 10, 0.2]]
     assert summary["innermost"][0] == ["wait (ray/_private/worker.py:3237)", 30, 0.6]
     assert ["_iterencode (json/encoder.py:303)", 10, 0.2] in summary["innermost"]  # not the frame of foo.py

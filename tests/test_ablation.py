@@ -101,6 +101,14 @@ def test_tuning_phase_is_validated_per_arm(tmp_path):
     assert study.trial_config({"optim.lr": 3e-5}).weighting.name == "self"
 
 
+def test_following_the_fix_of_a_missing_tuning_space_gives_a_valid_ablation(tmp_path):
+    """The hint is YAML the user pastes: ``1e-5`` would be read as a string (YAML 1.1 needs the dot)."""
+    msg = broken(tmp_path, lambda tree: tree.update(tune={"search": {"num_samples": 4}}))
+    pasted = yaml.safe_load(msg.split("Fix: write ", 1)[1])
+    ok, _ = load(tmp_path, {**GOOD, **pasted})
+    assert ok.arm_study("ce").params[0].low == pytest.approx(1e-5)
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("ablation_*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_ablation_validates(path):
     assert is_ablation(yaml.safe_load(path.read_text()))

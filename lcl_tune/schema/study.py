@@ -333,7 +333,7 @@ def _param(key: str, spec: Any) -> Param:
     C.check(low < high, f"{where}.low", f"low ({low}) must be < high ({high})", "swap or widen the bounds")
     if ptype == "loguniform":
         C.check(low > 0, f"{where}.low", f"loguniform needs low > 0, got {low}",
-              "use a positive low bound (e.g. 1e-3) or type: uniform")
+              "use a positive low bound (e.g. 1.0e-3) or type: uniform")
     if ptype == "int":
         C.check(float(low).is_integer() and float(high).is_integer(), f"{where}.low", "int bounds must be integers",
               "use whole numbers")

@@ -306,6 +306,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(key, value, tp)
+        if not math.isfinite(value):  # YAML's .inf and .nan: no setting of a trial means either
+            raise ConfigError(key, f"expected a finite number, got {value!r}", f"set {key} to a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -332,7 +334,9 @@ def parse_override(text: str) -> tuple[str, Any]:
                           source="--set")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=BoundedLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
+    except AliasBomb as e:
+        raise ConfigError(key.strip(), f"the value {e.problem}", "write the value out", source="--set") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -446,7 +450,7 @@ def validate(cfg: TrialConfig, *, check_files: bool = True) -> None:
     one_of("model.head_init", cfg.model.head_init, HEAD_INITS)
     for key, v in (("optim.lr", cfg.optim.lr), ("optim.weighting_lr", cfg.optim.weighting_lr),
                    ("optim.head_lr", cfg.optim.head_lr)):
-        check(v is None or v > 0, key, f"must be > 0, got {v}", "use e.g. 2e-5")
+        check(v is None or v > 0, key, f"must be > 0, got {v}", "use e.g. 2.0e-5 (YAML reads 2e-5 as text)")
     check(0.0 <= cfg.optim.warmup_ratio < 1.0, "optim.warmup_ratio",
            f"must lie in [0, 1), got {cfg.optim.warmup_ratio}", "use e.g. 0.06")
     check(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be >= 0", "use 1.0, or 0 to disable")
@@ -599,8 +603,51 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
     return from_dict(tree, base_dir=base_dir, source=source, check_files=check_files)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """The safe loader (no tag constructs an object) that also refuses duplicate keys, which
+MAX_YAML_VALUES = 100_000  # values a YAML document may expand to through aliases (a study file has hundreds)
+
+
+class AliasBomb(yaml.YAMLError):
+    """A document whose aliases expand it past :data:`MAX_YAML_VALUES` values, or into itself."""
+
+    def __init__(self, problem: str, mark: Any):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """The safe loader (no tag constructs an object), with aliases bounded: each ``*name`` stands
+    for the whole ``&name`` value, so nine nested lines can stand for a billion values ("billion
+    laughs"), which any walk of the settings would expand. Anchors are fine (cluster files use
+    them); a document that would expand past :data:`MAX_YAML_VALUES` values, or an alias inside
+    the value it names, is refused before anything is built."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """The values ``node`` stands for with every alias written out (each shared node counted once
+    per use, computed once)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise AliasBomb("an alias refers to the value that holds it (a recursive anchor)", node.start_mark)
+    open_.add(id(node))
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+    size = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    if size > MAX_YAML_VALUES:
+        raise AliasBomb(f"its aliases expand it to more than {MAX_YAML_VALUES:,} values", node.start_mark)
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
+
+class _StrictLoader(BoundedLoader):
+    """The bounded safe loader (:class:`BoundedLoader`) that also refuses duplicate keys, which
     plain YAML resolves silently to the last one: a study whose second ``space:`` quietly
     replaces the first is a study nobody asked for."""
 
@@ -645,6 +692,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "YAML"
         problem, fix = str(getattr(e, "problem", None) or e).split("\n")[0], "fix the syntax"
+        if isinstance(e, AliasBomb):
+            raise ConfigError(where, problem, "write the values out, or use fewer aliases (*name) of large anchors "
+                              "(&name)", source=str(path)) from None
         if "constructor for the tag" in problem:
             problem = f"tag {problem.rsplit(' ', 1)[-1]} is not allowed (YAML is read with the safe loader)"
             fix = "remove the tag and write a plain value"

@@ -74,6 +74,25 @@ def need_program(name: str, why: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("bench_scale")``: a benchmark script (``benchmarks/`` is not a package),
+    imported once per session under its own name (dataclasses resolve their module's annotations
+    through ``sys.modules``)."""
+    import sys
+
+    def load(name: str):
+        if name not in sys.modules:
+            path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        return sys.modules[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     """``../shared/datasets`` (real GoEmotions, SST-5, TweetEval, TREC); skip when absent."""
     if not SHARED_DATASETS.is_dir():

@@ -3,8 +3,6 @@ scheduler, against decisions computed by hand."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +10,10 @@ import pytest
 from lcl_tune.adapters.searcher import make_scheduler
 from lcl_tune.schema.study import parse_study
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_search.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_search", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_search"] = module
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_search")
 
 
 def tiny_study(tmp_path: Path):

@@ -343,7 +343,7 @@ def test_a_continuous_space_never_reuses(tmp_path):
     assert not any("reused_from" in t.user_attrs for t in journal_trials(tmp_path / "optuna.journal"))
 
 
-class _Trial:
+class _QueuedTrial:
     """What a scheduler reads of a Ray trial."""
 
     def __init__(self, n: int):
@@ -357,10 +357,10 @@ class _Controller:
     """Tune's controller as schedulers see it: its list of trials, with the reads of it counted."""
 
     def __init__(self):
-        self.trials: list[_Trial] = []
+        self.trials: list[_QueuedTrial] = []
         self.reads = 0
 
-    def get_trials(self) -> list[_Trial]:
+    def get_trials(self) -> list[_QueuedTrial]:
         self.reads += 1
         return self.trials
 
@@ -384,7 +384,7 @@ def test_the_trial_to_run_is_rays_choice_made_without_walking_every_trial(tmp_pa
         for step in range(3000):
             op, live = rng.random(), [t for t in controller.trials if not t.is_finished()]
             if op < 0.3 or not live:
-                trial = _Trial(len(controller.trials))
+                trial = _QueuedTrial(len(controller.trials))
                 controller.trials.append(trial)
                 ours.on_trial_add(controller, trial)
             else:

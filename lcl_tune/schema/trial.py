@@ -334,9 +334,9 @@ def parse_override(text: str) -> tuple[str, Any]:
                           source="--set")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.load(raw, Loader=BoundedLoader) if raw.strip() else None  # noqa: S506 - a SafeLoader
+        value = bounded_load(raw) if raw.strip() else None
     except AliasBomb as e:
-        raise ConfigError(key.strip(), f"the value {e.problem}", "write the value out", source="--set") from None
+        raise ConfigError(key.strip(), f"the value {e.problem}", e.fix, source="--set") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -609,6 +609,8 @@ MAX_YAML_VALUES = 100_000  # values a YAML document may expand to through aliase
 class AliasBomb(yaml.YAMLError):
     """A document whose aliases expand it past :data:`MAX_YAML_VALUES` values, or into itself."""
 
+    fix = "write the values out, or use fewer aliases (*name) of large anchors (&name)"
+
     def __init__(self, problem: str, mark: Any):
         super().__init__(problem)
         self.problem, self.problem_mark = problem, mark
@@ -626,6 +628,12 @@ class BoundedLoader(yaml.SafeLoader):
         if node is not None:
             _expanded_size(node, {}, set())
         return node
+
+
+def bounded_load(text: str) -> Any:
+    """``yaml.safe_load`` with aliases bounded (:class:`BoundedLoader`): for YAML that is not a
+    settings file of the project's own (a cluster config, a ``--set`` value)."""
+    return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
@@ -693,8 +701,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         where = f"line {mark.line + 1}" if mark else "YAML"
         problem, fix = str(getattr(e, "problem", None) or e).split("\n")[0], "fix the syntax"
         if isinstance(e, AliasBomb):
-            raise ConfigError(where, problem, "write the values out, or use fewer aliases (*name) of large anchors "
-                              "(&name)", source=str(path)) from None
+            raise ConfigError(where, problem, e.fix, source=str(path)) from None
         if "constructor for the tag" in problem:
             problem = f"tag {problem.rsplit(' ', 1)[-1]} is not allowed (YAML is read with the safe loader)"
             fix = "remove the tag and write a plain value"
